@@ -1,0 +1,49 @@
+"""``spatial-assets audit --sample ID``: print a sample's lineage chain and whether it is stale."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+IO_PREFIX = "assets"
+ANNOTATIONS_KEY = IO_PREFIX + "/cell_type_annotations/{sample}.h5ad"
+MODEL_CARD_KEY = IO_PREFIX + "/celltype_model.pkl.card.json"
+REFERENCE_RECORD_KEY = IO_PREFIX + "/reference_atlas/{id}.json"
+
+
+def run_audit(sample_id: str, *, store: Any = None, check_files: bool = True) -> int:
+    """Print the chain; exit code 0 when up to date, 3 when something upstream changed."""
+    from spatial_assets.ids import validate_id
+    from spatial_assets.lineage import audit_sample
+    from spatial_assets.objectstore import fetch_to_cache, sha256_file
+
+    validate_id(sample_id, "sample id")
+    s3_settings = None
+    if store is None:
+        from spatial_assets.defs.resources import build_resources
+
+        storage = build_resources()["storage"]
+        store, s3_settings = storage.get_store(), storage.s3_settings()
+    else:
+        s3_settings = getattr(store, "settings", None)
+
+    def fingerprint(uri: str) -> str:
+        return sha256_file(fetch_to_cache(uri, settings=s3_settings))
+
+    report = audit_sample(
+        store,
+        sample_id,
+        annotations_key=ANNOTATIONS_KEY.format(sample=sample_id),
+        model_card_key=MODEL_CARD_KEY,
+        reference_record_key=REFERENCE_RECORD_KEY,
+        fingerprint=fingerprint if check_files else None,
+    )
+    print(report.format())
+    return 3 if report.stale else 0
+
+
+def add_audit_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("audit", help="print a sample's lineage: references → training set → model → annotations")
+    p.add_argument("--sample", required=True, help="sample id (partition key)")
+    p.add_argument("--no-file-check", action="store_true", help="do not re-hash the reference files at their URIs")
+    p.set_defaults(func=lambda args: run_audit(args.sample, check_files=not args.no_file_check))

@@ -1,0 +1,39 @@
+"""The Dagster code location: assets, checks, sensors, schedules and resources of spatial_assets."""
+
+import warnings
+
+import dagster as dg
+
+# Partitioned asset checks are "preview" in Dagster 1.13; they are what the per-sample checks need.
+warnings.filterwarnings("ignore", category=dg.PreviewWarning, message=".*partitions_def on an AssetCheckSpec.*")
+
+from spatial_assets.defs.celltyping import assets as celltyping_assets
+from spatial_assets.defs.celltyping import checks as celltyping_checks
+from spatial_assets.defs.domains import assets as domain_assets
+from spatial_assets.defs.domains import checks as domain_checks
+from spatial_assets.defs.references import assets as reference_assets
+from spatial_assets.defs.references import sensors as reference_sensors
+from spatial_assets.defs.resources import build_resources
+from spatial_assets.defs.samples import assets as sample_assets
+from spatial_assets.defs.samples import checks as sample_checks
+from spatial_assets.defs.samples import sensors as sample_sensors
+from spatial_assets.defs.settings import settings_from_env
+
+_asset_modules = [reference_assets, sample_assets, celltyping_assets, domain_assets]
+_check_modules = [sample_checks, celltyping_checks, domain_checks]
+
+
+def build_definitions(resources: dict | None = None) -> dg.Definitions:
+    """Definitions with the deployment's resources (``SPATIAL_ASSETS_DEPLOYMENT``) or given ones."""
+    if resources is None:
+        resources = {**build_resources(), "settings": settings_from_env()}
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules(_asset_modules),
+        asset_checks=dg.load_asset_checks_from_modules(_check_modules),
+        sensors=[reference_sensors.reference_manifest_sensor, sample_sensors.sample_landing_sensor],
+        schedules=[reference_sensors.nightly_reference_reobservation],
+        resources=resources,
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,1 @@
+"""Dagster definitions for the domains area (thin: the science lives outside defs/)."""

@@ -1,0 +1,165 @@
+"""Spatial domains: one shared model → per-sample domains → composition and markers."""
+
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import dagster as dg
+import pandas as pd
+
+from spatial_assets.defs.automation import on_upstream_change
+from spatial_assets.defs.partitions import samples_partitions
+from spatial_assets.defs.plots import attach_plots
+from spatial_assets.defs.resources import StorageResource
+from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.domains.platform import annotate_domains_with_signatures, fit_domain_model, pack_model, unpack_model
+from spatial_assets.lineage import library_versions
+
+MODEL_KEY = "domain_model/model.zip"
+
+
+def _engine_config(settings: PlatformSettings) -> dict:
+    return {"pretrained_dir": settings.domain_model_dir} if settings.domain_engine == "novae" and settings.domain_model_dir else {}
+
+
+@dg.asset(
+    ins={"spatial_cells": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    # Fitted once when missing, then reused: a new sample must not refit (and so relabel) the
+    # others. Materialize it by hand to refit on every registered sample.
+    automation_condition=dg.AutomationCondition.on_missing(),
+    group_name="domains",
+    pool="heavy",
+    kinds={"numpy"},
+    description="The shared domain model (one embedding for all samples, hierarchical levels), stored as npz+json in a zip with its sha256.",
+)
+def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage: StorageResource, settings: PlatformSettings) -> dict:
+    samples = [spatial_cells[k] for k in sorted(spatial_cells)]
+    model = fit_domain_model(
+        samples,
+        engine=settings.domain_engine,
+        n_domains=settings.n_domains,
+        levels=settings.domain_levels,
+        seed=settings.seed,
+        engine_config=_engine_config(settings),
+    )
+    store = storage.get_store()
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "model.zip"
+        sha = pack_model(model, archive)
+        store.put_file(archive, MODEL_KEY)
+    meta = model.metadata()
+    record = {
+        "uri": store.uri(MODEL_KEY),
+        "key": MODEL_KEY,
+        "sha256": sha,
+        "engine": meta.get("engine", ""),
+        "levels": [int(k) for k in model.levels],
+        "n_domains": int(model.n_domains),
+        "fitted_on": sorted(spatial_cells),
+        "metadata": meta,
+    }
+    context.add_output_metadata(
+        {
+            "uri": record["uri"],
+            "sha256": sha,
+            "engine": record["engine"],
+            "levels": ", ".join(map(str, record["levels"])),
+            "fitted_on": ", ".join(record["fitted_on"]),
+            "model_metadata": dg.MetadataValue.json(meta),
+            "library_versions": library_versions(),
+        }
+    )
+    return record
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    automation_condition=on_upstream_change(),
+    group_name="domains",
+    pool="heavy",
+    kinds={"anndata"},
+    description="Per-sample domains at every level (obs domain_level_{k}, obs domain) with domain-level cell-type calls (signature enrichment + elbow gap).",
+)
+def spatial_domains(
+    context: dg.AssetExecutionContext,
+    spatial_cells: ad.AnnData,
+    domain_model: dict,
+    storage: StorageResource,
+    settings: PlatformSettings,
+) -> ad.AnnData:
+    store = storage.get_store()
+    model = unpack_model(store.get_file(domain_model["key"]), domain_model["sha256"])
+    assigned = model.assign(spatial_cells)
+    annotated, assignment = annotate_domains_with_signatures(assigned, settings.domain_signatures)
+    annotated.uns["domain_model_sha256"] = domain_model["sha256"]
+    counts = annotated.obs["domain"].value_counts()
+    calls = dict(zip(assignment["domain"], assignment["assigned_cell_types"]))
+    metadata = {
+        "n_cells": annotated.n_obs,
+        "engine": domain_model["engine"],
+        "domain_model_sha256": domain_model["sha256"],
+        "domains": dg.MetadataValue.md(
+            "| domain | cells | domain-level call |\n|---|---|---|\n"
+            + "\n".join(f"| {d} | {n} | {calls.get(d, '')} |" for d, n in counts.items())
+        ),
+    }
+    metadata.update(
+        attach_plots(store, f"spatial_domains/{context.partition_key}.plots", lambda d: _domain_plots(annotated, assignment, d), context.log)
+    )
+    context.add_output_metadata(metadata)
+    return annotated
+
+
+def _domain_plots(adata: ad.AnnData, assignment: pd.DataFrame, out_dir: Path) -> dict:
+    from spatial_assets.domains import plots
+
+    level_keys = sorted(k for k in adata.obs.columns if k.startswith("domain_level_"))
+    return {
+        "domains": plots.plot_domains(adata, out_dir / "domains.png", level_keys=level_keys),
+        "elbows": plots.plot_elbows(assignment, out_dir / "elbows.png"),
+    }
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    automation_condition=on_upstream_change(),
+    group_name="domains",
+    kinds={"parquet"},
+    description="Cells per predicted cell type per domain for one sample (long table).",
+)
+def domain_composition(
+    context: dg.AssetExecutionContext,
+    spatial_domains: ad.AnnData,
+    cell_type_annotations: ad.AnnData,
+    storage: StorageResource,
+) -> pd.DataFrame:
+    from spatial_assets.domains.annotation import domain_composition as compose
+
+    merged = spatial_domains.copy()
+    merged.obs["cell_type"] = cell_type_annotations.obs["cell_type"].reindex(merged.obs_names).astype(str).to_numpy()
+    table = compose(merged, domain_key="domain", cell_type_key="cell_type", sample_key="sample_id")
+    meta = {"n_rows": len(table), "preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False))}
+
+    def _plot(out_dir: Path) -> dict:
+        from spatial_assets.domains import plots
+
+        return {"proportions": plots.plot_domain_proportions(table, out_dir / "proportions.png")}
+
+    meta.update(attach_plots(storage.get_store(), f"domain_composition/{context.partition_key}.plots", _plot, context.log))
+    context.add_output_metadata(meta)
+    return table
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    automation_condition=on_upstream_change(),
+    group_name="domains",
+    kinds={"parquet"},
+    description="Top marker genes per domain (one-vs-rest Wilcoxon) for one sample.",
+)
+def domain_markers(context: dg.AssetExecutionContext, spatial_domains: ad.AnnData) -> pd.DataFrame:
+    from spatial_assets.domains.annotation import domain_marker_genes
+
+    table = domain_marker_genes(spatial_domains, domain_key="domain", n_genes=10)
+    context.add_output_metadata({"n_rows": len(table), "preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False))})
+    return table

@@ -1,0 +1,35 @@
+"""Store plots beside the object they describe and show them in the Dagster UI."""
+
+import base64
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import dagster as dg
+
+
+def attach_plots(store, key_prefix: str, make: Callable[[Path], dict], log) -> dict:
+    """Run ``make(out_dir) -> {name: png_path}``, upload each PNG and return metadata entries.
+
+    Plots are optional: any failure is logged and yields no metadata, never a failed asset.
+    """
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            paths = make(Path(tmp)) or {}
+        except Exception as exc:  # plots must never break the computation
+            log.warning(f"plots skipped: {exc!r}")
+            return out
+        for name, path in sorted(paths.items()):
+            path = Path(path)
+            if not path.exists():
+                continue
+            key = f"{key_prefix}/{path.name}"
+            try:
+                store.put_file(path, key)
+            except Exception as exc:
+                log.warning(f"could not store plot {name}: {exc!r}")
+                continue
+            data = base64.b64encode(path.read_bytes()).decode()
+            out[f"plot_{name}"] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{data})\n\n`{store.uri(key)}`")
+    return out

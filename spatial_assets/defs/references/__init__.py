@@ -1,0 +1,1 @@
+"""Dagster definitions for the references area (thin: the science lives outside defs/)."""

@@ -1,0 +1,88 @@
+"""Keep ``reference_atlas`` partitions in step with the manifest and the files it points to.
+
+The sensor diffs (manifest entry, ETag) fingerprints against its cursor; the nightly schedule
+diffs them against what the last materialization recorded, which catches edits made in S3 outside
+the platform even if the sensor was off. Both only HEAD the files.
+"""
+
+import json
+
+import dagster as dg
+
+from spatial_assets.defs.partitions import references_partitions
+from spatial_assets.defs.references.assets import reference_atlas
+from spatial_assets.defs.resources import StorageResource
+from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.registry import entry_fingerprint, read_manifest
+
+
+def _fingerprints(context, storage: StorageResource, settings: PlatformSettings) -> dict[str, str]:
+    out = {}
+    for entry in read_manifest(storage.get_store(), settings.manifest_key):
+        try:
+            out[entry.id] = entry_fingerprint(entry, s3_settings=storage.s3_settings())
+        except Exception as exc:  # one unreachable file must not hide the others
+            context.log.warning(f"reference {entry.id!r}: cannot read {entry.uri}: {exc}")
+    return out
+
+
+@dg.sensor(
+    target=[reference_atlas],
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="New manifest entry → new partition + run; changed file or entry → re-run that partition.",
+)
+def reference_manifest_sensor(
+    context: dg.SensorEvaluationContext, storage: StorageResource, settings: PlatformSettings
+) -> dg.SensorResult | dg.SkipReason:
+    current = _fingerprints(context, storage, settings)
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    existing = set(context.instance.get_dynamic_partitions(references_partitions.name))
+    new_keys = [rid for rid in current if rid not in existing]
+    runs = [
+        dg.RunRequest(partition_key=rid, run_key=f"reference:{rid}:{fp}")
+        for rid, fp in current.items()
+        if seen.get(rid) != fp
+    ]
+    if not runs and not new_keys:
+        return dg.SkipReason(f"{len(current)} references, none new or changed")
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[references_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps({**seen, **current}, sort_keys=True),
+    )
+
+
+@dg.schedule(
+    cron_schedule="0 2 * * *",
+    target=[reference_atlas],
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Nightly re-observation of every reference file against its last materialization.",
+)
+def nightly_reference_reobservation(
+    context: dg.ScheduleEvaluationContext, storage: StorageResource, settings: PlatformSettings
+):
+    current = _fingerprints(context, storage, settings)
+    existing = set(context.instance.get_dynamic_partitions(references_partitions.name))
+    requests = []
+    for rid, fp in current.items():
+        recorded = _recorded_fingerprint(context.instance, rid)
+        if rid not in existing or recorded != fp:
+            requests.append(dg.RunRequest(partition_key=rid, run_key=None, tags={"trigger": "nightly_reobservation"}))
+    if not requests:
+        return dg.SkipReason("all references unchanged since their last materialization")
+    new_keys = [rid for rid in current if rid not in existing]
+    if new_keys:
+        context.instance.add_dynamic_partitions(references_partitions.name, new_keys)
+    return requests
+
+
+def _recorded_fingerprint(instance: dg.DagsterInstance, rid: str) -> str | None:
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=reference_atlas.key, asset_partitions=[rid]), limit=1
+    )
+    if not result.records:
+        return None
+    meta = result.records[0].asset_materialization.metadata
+    value = meta.get("fingerprint")
+    return value.value if value is not None else None

@@ -1,0 +1,1 @@
+"""Dagster definitions for the samples area (thin: the science lives outside defs/)."""

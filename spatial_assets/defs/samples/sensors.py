@@ -1,0 +1,41 @@
+"""Watch the sample landing prefix: new or changed sample → partition + run of ``spatial_cells``."""
+
+import json
+
+import dagster as dg
+
+from spatial_assets.defs.partitions import samples_partitions
+from spatial_assets.defs.resources import StorageResource
+from spatial_assets.defs.samples.assets import spatial_cells
+from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.registry import scan_landing
+
+
+@dg.sensor(
+    target=[spatial_cells],
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Lists the landing prefix (no downloads); annotations follow by declarative automation.",
+)
+def sample_landing_sensor(
+    context: dg.SensorEvaluationContext, storage: StorageResource, settings: PlatformSettings
+) -> dg.SensorResult | dg.SkipReason:
+    samples, problems = scan_landing(storage.get_store(), settings.landing_prefix)
+    for problem in problems:
+        context.log.warning(f"skipped landing object: {problem}")
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    existing = set(context.instance.get_dynamic_partitions(samples_partitions.name))
+    new_keys = [s.sample_id for s in samples if s.sample_id not in existing]
+    runs = [
+        dg.RunRequest(partition_key=s.sample_id, run_key=f"sample:{s.sample_id}:{s.fingerprint}")
+        for s in samples
+        if seen.get(s.sample_id) != s.fingerprint
+    ]
+    if not runs and not new_keys:
+        return dg.SkipReason(f"{len(samples)} samples landed, none new or changed")
+    cursor = {**seen, **{s.sample_id: s.fingerprint for s in samples}}
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[samples_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps(cursor, sort_keys=True),
+    )

@@ -1,0 +1,47 @@
+"""Platform settings shared by assets, checks and sensors (one resource, configured per deployment)."""
+
+import dagster as dg
+
+
+class PlatformSettings(dg.ConfigurableResource):
+    """Where the manifests and landing data live, and the scientific parameters of a deployment.
+
+    Everything that changes a result is here (or in the manifest), so it is recorded in the
+    materialization metadata and can be audited.
+    """
+
+    manifest_key: str = "manifests/references.yaml"
+    landing_prefix: str = "landing/samples/"
+    panel_genes: list[str] = []  # empty: intersection of the registered samples' panels
+    min_cells_per_type: int = 10
+    max_cells_per_type: int = 5000
+    balance_strategy: str = "proportional"
+    min_cells_per_source: int = 0
+    confidence_threshold: float = 0.5
+    unassigned_warn_fraction: float = 0.5
+    balance_share_tolerance: float = 0.02
+    seed: int = 0
+    # spatial domains
+    domain_engine: str = ""  # empty: the engine with the better measured ARI (domains.engine.DEFAULT_ENGINE)
+    n_domains: int = 6
+    domain_levels: list[int] = []  # empty: a range around n_domains
+    domain_model_dir: str = ""  # local directory with a pretrained Novae checkpoint (novae engine only)
+    domain_signatures: str = "mouse_brain"  # bundled signature set name, or a YAML path
+
+
+def settings_from_env() -> PlatformSettings:
+    """Defaults, with the few knobs an operator sets per deployment read from the environment."""
+    import os
+
+    overrides: dict = {}
+    if os.environ.get("SPATIAL_ASSETS_CONFIDENCE_THRESHOLD"):
+        overrides["confidence_threshold"] = float(os.environ["SPATIAL_ASSETS_CONFIDENCE_THRESHOLD"])
+    if os.environ.get("SPATIAL_ASSETS_PANEL_GENES"):
+        overrides["panel_genes"] = [g for g in os.environ["SPATIAL_ASSETS_PANEL_GENES"].split(",") if g]
+    if os.environ.get("SPATIAL_ASSETS_N_DOMAINS"):
+        overrides["n_domains"] = int(os.environ["SPATIAL_ASSETS_N_DOMAINS"])
+    if os.environ.get("SPATIAL_ASSETS_DOMAIN_ENGINE"):
+        overrides["domain_engine"] = os.environ["SPATIAL_ASSETS_DOMAIN_ENGINE"]
+    if os.environ.get("SPATIAL_ASSETS_NOVAE_MODEL_DIR"):
+        overrides["domain_model_dir"] = os.environ["SPATIAL_ASSETS_NOVAE_MODEL_DIR"]
+    return PlatformSettings(**overrides)

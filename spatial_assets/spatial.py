@@ -1,0 +1,60 @@
+"""Bringing a landed spatial sample to the platform's AnnData contract (no Dagster)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from spatial_assets.ids import validate_id
+from spatial_assets.lineage import content_hash
+from spatial_assets.schema import SAMPLE_KEY, SPATIAL_OBSM
+
+
+class SpatialInputError(ValueError):
+    """A spatial sample that cannot be used as it is."""
+
+
+def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.ndarray:
+    """``obsm['spatial']`` (or obs x/y columns) as a finite float array; errors name the column."""
+    if SPATIAL_OBSM in adata.obsm:
+        coords = adata.obsm[SPATIAL_OBSM]
+        coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
+        where = f"obsm['{SPATIAL_OBSM}']"
+    elif {"x", "y"} <= set(adata.obs.columns):
+        coords = adata.obs[["x", "y"]].to_numpy()
+        where = "obs['x'], obs['y']"
+    else:
+        raise SpatialInputError(f"{source}: no coordinates: expected obsm['{SPATIAL_OBSM}'] or obs columns 'x' and 'y'")
+    try:
+        coords = np.asarray(coords, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SpatialInputError(f"{source}: coordinates in {where} are not numeric ({exc})") from exc
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise SpatialInputError(f"{source}: coordinates in {where} must have ≥ 2 columns, got shape {coords.shape}")
+    bad = ~np.isfinite(coords[:, :2]).all(axis=1)
+    if bad.any():
+        raise SpatialInputError(
+            f"{source}: {int(bad.sum())} cells have NaN/inf coordinates in {where}, e.g. {adata.obs_names[bad][:3].tolist()}"
+        )
+    return coords[:, :2]
+
+
+def prepare_spatial_cells(adata: ad.AnnData, *, sample_id: str, source: str) -> ad.AnnData:
+    """Validated copy with ``obsm['spatial']``, ``obs['sample_id']`` and a content hash in ``uns``."""
+    validate_id(sample_id, "sample id")
+    if adata.n_obs == 0:
+        raise SpatialInputError(f"{source}: no cells")
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
+        raise SpatialInputError(f"{source}: duplicate cell ids, e.g. {dup}")
+    if not adata.var_names.is_unique:
+        dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
+        raise SpatialInputError(f"{source}: duplicate gene names, e.g. {dup}")
+    coords = spatial_coordinates(adata, source)
+    out = adata.copy()
+    out.obsm[SPATIAL_OBSM] = coords
+    out.obs[SAMPLE_KEY] = pd.Categorical([sample_id] * out.n_obs)
+    out.uns["content_sha256"] = content_hash(out)
+    out.uns["source_uri"] = source
+    return out
