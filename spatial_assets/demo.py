@@ -27,20 +27,6 @@ MERFISH_FILE = "mouse_POA_MERFISH_Moffitt2018.h5ad"
 REFERENCE_ID = "poa_moffitt2018"
 UI_PORT = 3000
 
-# reference label → MERFISH author class (data/README.md); Fibroblast has no MERFISH class
-POA_LABEL_MAP = {
-    "Astrocytes": "Astrocyte",
-    "Endothelial": "Endothelial",
-    "Ependymal": "Ependymal",
-    "Excitatory": "Excitatory",
-    "Inhibitory": "Inhibitory",
-    "Immature oligodendrocyte": "OD Immature",
-    "Newly formed oligodendrocyte": "OD Immature",
-    "Mature oligodendrocyte": "OD Mature",
-    "Mural": "Pericytes",
-    "Microglia": "Microglia",
-    "Macrophage": "Microglia",
-}
 
 
 def prepare_environment() -> Path:
@@ -61,7 +47,14 @@ def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
 
     ref_key = f"raw/references/{REFERENCE_FILE}"
     store.put_file(DATA / REFERENCE_FILE, ref_key)
-    entry = ReferenceEntry(id=REFERENCE_ID, uri=store.uri(ref_key), label_column="cell_type", organism="mouse")
+    # "Ambiguous" and "Unstable" are the authors' placeholders in this reference (data/README.md)
+    entry = ReferenceEntry(
+        id=REFERENCE_ID,
+        uri=store.uri(ref_key),
+        label_column="cell_type",
+        organism="mouse",
+        placeholder_labels=["Ambiguous", "Unstable"],
+    )
     store.write_bytes(manifest_key, dump_manifest([entry]).encode())
     merfish = ad.read_h5ad(DATA / MERFISH_FILE)
     sample_ids = []
@@ -120,36 +113,30 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
     import anndata as ad
     import pandas as pd
 
-    from spatial_assets.celltyping import score_against_labels
+    from spatial_assets.celltyping import POA_LABEL_MAP, score_against_labels
 
     for sid in sample_ids:
         summary = pd.read_parquet(store.get_file(f"assets/cell_type_summary/{sid}.parquet"))
         annotated = ad.read_h5ad(store.get_file(f"assets/cell_type_annotations/{sid}.h5ad"))
         scores = score_against_labels(
-            annotated.obs["cell_type_predicted"], annotated.obs["Cell_class_major"], POA_LABEL_MAP
+            annotated.obs["cell_type_predicted"],
+            annotated.obs["Cell_class_major"],
+            POA_LABEL_MAP,
+            confidence=annotated.obs["cell_type_confidence"],
+            class_origins=annotated.uns["cell_type_label_map"],
         )
         print(f"\n=== sample {sid}: {annotated.n_obs} cells")
         print(summary[["cell_type", "n_cells", "fraction", "mean_confidence"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(
             f"accuracy vs authors' Cell_class_major ({scores['n_scored']} scored cells, Ambiguous excluded): "
             f"accuracy {scores['accuracy']:.3f}  balanced accuracy {scores['balanced_accuracy']:.3f}  "
-            f"confidence AUROC {_auroc(annotated, scores):.3f}"
+            f"confidence AUROC {scores['confidence_auroc']:.3f}"
         )
         if with_domains:
             dom = ad.read_h5ad(store.get_file(f"assets/spatial_domains/{sid}.h5ad"))
             counts = dom.obs["domain"].value_counts().sort_index()
             calls = dom.obs.groupby("domain", observed=True)["domain_cell_type"].first()
             print("domains: " + ", ".join(f"{d}={n} ({calls.get(d, '')})" for d, n in counts.items()))
-
-
-def _auroc(annotated, scores) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    correct = scores.get("correct")
-    if correct is None:
-        return float("nan")
-    conf = annotated.obs.loc[correct.index, "cell_type_confidence"].to_numpy()
-    return float(roc_auc_score(correct.to_numpy(), conf)) if 0 < correct.mean() < 1 else float("nan")
 
 
 def start_ui(port: int = UI_PORT) -> int:

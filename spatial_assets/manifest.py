@@ -9,6 +9,7 @@ editing a reference is one reviewed write, and a sensor can diff it cheaply on e
         label_column: cell_type
         organism: mouse                     # optional
         target_proportions: {Microglia: 0.05}  # optional, per training class
+        placeholder_labels: [Ambiguous]     # optional, removed in addition to the defaults
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ReferenceEntry:
     label_column: str
     organism: str | None = None
     target_proportions: dict[str, float] = field(default_factory=dict)
+    placeholder_labels: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +53,7 @@ def parse_manifest(text: str | bytes, source: str = "references manifest") -> li
         where = f"{source}: references[{i}]"
         if not isinstance(raw, dict):
             raise ManifestError(f"{where}: expected a mapping, got {type(raw).__name__}")
-        unknown = set(raw) - {"id", "uri", "label_column", "organism", "target_proportions"}
+        unknown = set(raw) - {"id", "uri", "label_column", "organism", "target_proportions", "placeholder_labels"}
         if unknown:
             raise ManifestError(f"{where}: unknown field(s) {sorted(unknown)}")
         for key in ("id", "uri", "label_column"):
@@ -67,6 +69,9 @@ def parse_manifest(text: str | bytes, source: str = "references manifest") -> li
         props = raw.get("target_proportions") or {}
         if not isinstance(props, dict) or not all(isinstance(v, (int, float)) for v in props.values()):
             raise ManifestError(f"{where}: target_proportions must map class name -> number")
+        placeholders = raw.get("placeholder_labels") or []
+        if not isinstance(placeholders, list) or not all(isinstance(v, str) for v in placeholders):
+            raise ManifestError(f"{where}: placeholder_labels must be a list of strings")
         entries.append(
             ReferenceEntry(
                 id=rid,
@@ -74,6 +79,7 @@ def parse_manifest(text: str | bytes, source: str = "references manifest") -> li
                 label_column=raw["label_column"],
                 organism=raw.get("organism"),
                 target_proportions={str(k): float(v) for k, v in props.items()},
+                placeholder_labels=list(placeholders),
             )
         )
     return entries

@@ -79,6 +79,7 @@ def describe_reference(entry: ReferenceEntry, s3_settings: S3Settings | None = N
             "label_column": entry.label_column,
             "organism": entry.organism,
             "target_proportions": dict(entry.target_proportions),
+            "placeholder_labels": list(entry.placeholder_labels),
             "sha256": sha256_file(local),
             "etag": info["etag"],
             "size": info["size"],
@@ -141,10 +142,3 @@ def scan_landing(store: Any, prefix: str) -> tuple[list[LandedSample], list[str]
         samples.append(LandedSample(sid, tuple(o.key for o in objs), fp))
     return samples, problems
 
-
-def panel_of(var_names: Iterable[str], is_blank: Iterable[bool] | None = None) -> list[str]:
-    """Panel genes of a spatial sample: control probes (Blank-*, NegControl*, …) removed."""
-    names = list(map(str, var_names))
-    blank = list(is_blank) if is_blank is not None else [False] * len(names)
-    control_prefixes = ("blank", "negcontrol", "negprb", "unassigned", "deprecated", "antisense", "intergenic")
-    return [g for g, b in zip(names, blank) if not b and not g.lower().replace("-", "").replace("_", "").startswith(control_prefixes)]

@@ -12,7 +12,31 @@ from spatial_assets.schema import SAMPLE_KEY, SPATIAL_OBSM
 
 
 class SpatialInputError(ValueError):
-    """A spatial sample that cannot be used as it is."""
+    """A spatial sample that cannot be used as given (names the file and column)."""
+
+
+_CONTROL_PREFIXES = ("blank", "negcontrol", "negprb", "unassigned", "deprecated", "antisense", "intergenic")
+
+
+def panel_genes(adata: ad.AnnData) -> list[str]:
+    """Panel genes: var_names without control probes (Blank-*, NegControl*, … or ``var['is_blank']``)."""
+    names = [str(g) for g in adata.var_names]
+    blank = np.array(
+        [g.lower().replace("-", "").replace("_", "").startswith(_CONTROL_PREFIXES) for g in names], dtype=bool
+    )
+    if "is_blank" in adata.var.columns:
+        blank |= adata.var["is_blank"].fillna(False).astype(bool).to_numpy()
+    return [g for g, b in zip(names, blank) if not b]
+
+
+def validate_spatial(adata: ad.AnnData, name: str) -> np.ndarray:
+    """Refuse empty samples, duplicate cell ids and bad coordinates; return the (n, 2) coordinates."""
+    if adata.n_obs == 0:
+        raise SpatialInputError(f"{name}: spatial sample has no cells")
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
+        raise SpatialInputError(f"{name}: duplicate cell ids in obs_names, e.g. {dup}")
+    return spatial_coordinates(adata, name)
 
 
 def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.ndarray:
@@ -29,8 +53,8 @@ def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.n
     try:
         coords = np.asarray(coords, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise SpatialInputError(f"{source}: coordinates in {where} are not numeric ({exc})") from exc
-    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise SpatialInputError(f"{source}: coordinates in {where} are non-numeric ({exc})") from exc
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
         raise SpatialInputError(f"{source}: coordinates in {where} must have ≥ 2 columns, got shape {coords.shape}")
     bad = ~np.isfinite(coords[:, :2]).all(axis=1)
     if bad.any():
@@ -43,15 +67,10 @@ def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.n
 def prepare_spatial_cells(adata: ad.AnnData, *, sample_id: str, source: str) -> ad.AnnData:
     """Validated copy with ``obsm['spatial']``, ``obs['sample_id']`` and a content hash in ``uns``."""
     validate_id(sample_id, "sample id")
-    if adata.n_obs == 0:
-        raise SpatialInputError(f"{source}: no cells")
-    if not adata.obs_names.is_unique:
-        dup = adata.obs_names[adata.obs_names.duplicated()][:5].tolist()
-        raise SpatialInputError(f"{source}: duplicate cell ids, e.g. {dup}")
+    coords = validate_spatial(adata, source)
     if not adata.var_names.is_unique:
         dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
         raise SpatialInputError(f"{source}: duplicate gene names, e.g. {dup}")
-    coords = spatial_coordinates(adata, source)
     out = adata.copy()
     out.obsm[SPATIAL_OBSM] = coords
     out.obs[SAMPLE_KEY] = pd.Categorical([sample_id] * out.n_obs)

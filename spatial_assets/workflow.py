@@ -19,7 +19,8 @@ from spatial_assets import schema
 from spatial_assets.lineage import content_hash, library_versions
 from spatial_assets.manifest import ReferenceEntry, merged_target_proportions
 from spatial_assets.objectstore import S3Settings, fetch_to_cache, sha256_file
-from spatial_assets.registry import panel_of, scan_landing
+from spatial_assets.registry import scan_landing
+from spatial_assets.spatial import panel_genes
 
 
 class Settings(Protocol):
@@ -40,7 +41,7 @@ class StaleReferenceError(ValueError):
 def read_panel(path: Any) -> list[str]:
     backed = ad.read_h5ad(path, backed="r")
     try:
-        return panel_of(backed.var_names, backed.var["is_blank"] if "is_blank" in backed.var else None)
+        return panel_genes(backed)
     finally:
         backed.file.close()
 
@@ -92,9 +93,8 @@ def build_training_set(
     panel_source: str = "configured",
 ) -> TrainingSetResult:
     """Combine the registered references (bytes verified) → ontology → Cap & Fill."""
-    from spatial_assets.balancing import cap_and_fill
-    from spatial_assets.ontology import apply_ontology
-    from spatial_assets.references import ReferenceSpec, combine_references
+    from spatial_assets.celltyping import build_training_set as combine_map_balance
+    from spatial_assets.references import DEFAULT_PLACEHOLDER_LABELS, ReferenceSpec
 
     if not records:
         raise ValueError("no reference_atlas partitions are materialized: register a reference in the manifest")
@@ -110,18 +110,21 @@ def build_training_set(
             )
         specs.append(ReferenceSpec(uri=str(local), label_column=rec["label_column"], name=rec["id"]))
         lineage[rec["id"]] = {"uri": rec["uri"], "sha256": rec["sha256"], "etag": rec.get("etag", "")}
-    entries = [ReferenceEntry(id=r["id"], uri=r["uri"], label_column=r["label_column"], target_proportions=r.get("target_proportions") or {}) for r in records]
+    entries = [
+        ReferenceEntry(id=r["id"], uri=r["uri"], label_column=r["label_column"], target_proportions=r.get("target_proportions") or {})
+        for r in records
+    ]
     proportions = merged_target_proportions(entries) or None
-    combined = combine_references(specs, panel, min_cells_per_type=settings.min_cells_per_type, seed=settings.seed)
-    mapped, mapping = apply_ontology(combined)
-    balanced = cap_and_fill(
-        mapped,
-        label_column=schema.CELL_TYPE,
-        source_column=schema.REFERENCE_SOURCE,
+    placeholders = list(DEFAULT_PLACEHOLDER_LABELS) + [l for r in records for l in r.get("placeholder_labels", [])]
+    balanced, mapping = combine_map_balance(
+        specs,
+        panel,
         max_cells_per_type=settings.max_cells_per_type,
-        strategy=settings.balance_strategy,
-        min_per_source=settings.min_cells_per_source,
         target_proportions=proportions,
+        strategy=settings.balance_strategy,
+        placeholder_labels=list(dict.fromkeys(placeholders)),
+        min_cells_per_type=settings.min_cells_per_type,
+        min_per_source=settings.min_cells_per_source,
         seed=settings.seed,
     )
     params = {
@@ -132,6 +135,7 @@ def build_training_set(
         "balance_strategy": settings.balance_strategy,
         "min_cells_per_source": settings.min_cells_per_source,
         "target_proportions": proportions or {},
+        "placeholder_labels": list(dict.fromkeys(placeholders)),
         "seed": settings.seed,
     }
     for key in list(balanced.uns):
@@ -171,7 +175,7 @@ def annotate_sample(spatial: ad.AnnData, model: Any, settings: Settings, *, run_
         {
             "references": card.get("references", {}),
             "training_set": card.get("training_set", {}),
-            "model": {"sha256": card.get("sha256", ""), "n_classes": len(model.classes)},
+            "model": {"sha256": getattr(model, "sha256", None) or card.get("sha256", ""), "n_classes": len(model.classes)},
             "sample": {"id": sample_id, "spatial_cells_sha256": spatial.uns.get("content_sha256", "")},
             "run_id": run_id,
             "confidence_threshold": float(settings.confidence_threshold),

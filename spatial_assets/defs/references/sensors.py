@@ -9,6 +9,7 @@ import json
 
 import dagster as dg
 
+from spatial_assets.defs.history import latest_metadata_value
 from spatial_assets.defs.partitions import references_partitions
 from spatial_assets.defs.references.assets import reference_atlas
 from spatial_assets.defs.resources import StorageResource
@@ -39,10 +40,11 @@ def reference_manifest_sensor(
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     existing = set(context.instance.get_dynamic_partitions(references_partitions.name))
     new_keys = [rid for rid in current if rid not in existing]
+    # without a cursor entry, the last materialization decides (e.g. after the demo ran them)
     runs = [
         dg.RunRequest(partition_key=rid, run_key=f"reference:{rid}:{fp}")
         for rid, fp in current.items()
-        if seen.get(rid) != fp
+        if seen.get(rid) != fp and _recorded_fingerprint(context.instance, rid) != fp
     ]
     if not runs and not new_keys:
         return dg.SkipReason(f"{len(current)} references, none new or changed")
@@ -62,27 +64,16 @@ def reference_manifest_sensor(
 def nightly_reference_reobservation(
     context: dg.ScheduleEvaluationContext, storage: StorageResource, settings: PlatformSettings
 ):
+    """Changed files of registered references; new entries are the sensor's job (it adds partitions)."""
     current = _fingerprints(context, storage, settings)
     existing = set(context.instance.get_dynamic_partitions(references_partitions.name))
-    requests = []
-    for rid, fp in current.items():
-        recorded = _recorded_fingerprint(context.instance, rid)
-        if rid not in existing or recorded != fp:
-            requests.append(dg.RunRequest(partition_key=rid, run_key=None, tags={"trigger": "nightly_reobservation"}))
-    if not requests:
-        return dg.SkipReason("all references unchanged since their last materialization")
-    new_keys = [rid for rid in current if rid not in existing]
-    if new_keys:
-        context.instance.add_dynamic_partitions(references_partitions.name, new_keys)
-    return requests
+    requests = [
+        dg.RunRequest(partition_key=rid, tags={"trigger": "nightly_reobservation"})
+        for rid, fp in current.items()
+        if rid in existing and _recorded_fingerprint(context.instance, rid) != fp
+    ]
+    return requests or dg.SkipReason("all registered references unchanged since their last materialization")
 
 
-def _recorded_fingerprint(instance: dg.DagsterInstance, rid: str) -> str | None:
-    result = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=reference_atlas.key, asset_partitions=[rid]), limit=1
-    )
-    if not result.records:
-        return None
-    meta = result.records[0].asset_materialization.metadata
-    value = meta.get("fingerprint")
-    return value.value if value is not None else None
+def _recorded_fingerprint(instance: dg.DagsterInstance, rid: str):
+    return latest_metadata_value(instance, reference_atlas.key, rid, "fingerprint")

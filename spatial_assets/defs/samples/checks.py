@@ -5,7 +5,7 @@ import dagster as dg
 
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.normalization import detect_normalization
-from spatial_assets.registry import panel_of
+from spatial_assets.spatial import panel_genes
 
 
 @dg.asset_check(
@@ -31,7 +31,7 @@ def spatial_cells_normalization(spatial_cells: ad.AnnData) -> dg.AssetCheckResul
     description="Every model gene is in the sample's panel (100% overlap required).",
 )
 def spatial_cells_gene_overlap(spatial_cells: ad.AnnData, celltype_model) -> dg.AssetCheckResult:
-    panel = set(panel_of(spatial_cells.var_names, spatial_cells.var.get("is_blank")))
+    panel = set(panel_genes(spatial_cells))
     genes = list(celltype_model.genes)
     missing = [g for g in genes if g not in panel]
     overlap = (len(genes) - len(missing)) / max(len(genes), 1)

@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from spatial_assets.defs.history import latest_metadata_value
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.samples.assets import spatial_cells
@@ -30,6 +31,7 @@ def sample_landing_sensor(
         dg.RunRequest(partition_key=s.sample_id, run_key=f"sample:{s.sample_id}:{s.fingerprint}")
         for s in samples
         if seen.get(s.sample_id) != s.fingerprint
+        and latest_metadata_value(context.instance, spatial_cells.key, s.sample_id, "landing_fingerprint") != s.fingerprint
     ]
     if not runs and not new_keys:
         return dg.SkipReason(f"{len(samples)} samples landed, none new or changed")
