@@ -1,0 +1,1 @@
+"""Dagster code location: resources, IO managers and assets (the only package that imports dagster)."""
