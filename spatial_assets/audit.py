@@ -11,21 +11,18 @@ MODEL_CARD_KEY = IO_PREFIX + "/celltype_model.pkl.card.json"
 REFERENCE_RECORD_KEY = IO_PREFIX + "/reference_atlas/{id}.json"
 
 
-def run_audit(sample_id: str, *, store: Any = None, check_files: bool = True) -> int:
+def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, check_files: bool = True) -> int:
     """Print the chain; exit code 0 when up to date, 3 when something upstream changed."""
     from spatial_assets.ids import validate_id
     from spatial_assets.lineage import audit_sample
     from spatial_assets.objectstore import fetch_to_cache, sha256_file
 
     validate_id(sample_id, "sample id")
-    s3_settings = None
     if store is None:
         from spatial_assets.defs.resources import build_resources
 
         storage = build_resources()["storage"]
         store, s3_settings = storage.get_store(), storage.s3_settings()
-    else:
-        s3_settings = getattr(store, "settings", None)
 
     def fingerprint(uri: str) -> str:
         return sha256_file(fetch_to_cache(uri, settings=s3_settings))

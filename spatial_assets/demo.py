@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resources = {**build_resources(), "settings": settings_from_env()}
     store = resources["storage"].get_store()  # starts the local S3 if it is not running
-    print(f"storage: {store.uri('')}  (deployment {os.environ.get('SPATIAL_ASSETS_DEPLOYMENT', 'local_s3')})", flush=True)
+    print(f"storage: {store.uri(settings_from_env().manifest_key).rsplit('/', 2)[0]}/  (deployment {os.environ.get('SPATIAL_ASSETS_DEPLOYMENT', 'local_s3')})", flush=True)
     if args.ui_only:
         return start_ui(args.port)
     t0 = time.perf_counter()
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\naudit of {sample_ids[0]}:")
     from spatial_assets.audit import run_audit
 
-    run_audit(sample_ids[0], store=store)
+    run_audit(sample_ids[0], store=store, s3_settings=resources["storage"].s3_settings())
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s.")
     print(f"Open the UI with `make ui`, then http://127.0.0.1:{args.port} (same instance: DAGSTER_HOME={os.environ['DAGSTER_HOME']}).")
     return 0

@@ -58,9 +58,8 @@ def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.n
         raise SpatialInputError(f"{source}: coordinates in {where} must have ≥ 2 columns, got shape {coords.shape}")
     bad = ~np.isfinite(coords[:, :2]).all(axis=1)
     if bad.any():
-        raise SpatialInputError(
-            f"{source}: {int(bad.sum())} cells have NaN/inf coordinates in {where}, e.g. {adata.obs_names[bad][:3].tolist()}"
-        )
+        first = adata.obs_names[np.flatnonzero(bad)[0]]
+        raise SpatialInputError(f"{source}: {where} has NaN/infinite coordinates in {int(bad.sum())} cells (first: {first!r})")
     return coords[:, :2]
 
 

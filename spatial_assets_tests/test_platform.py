@@ -165,10 +165,11 @@ def test_full_graph_on_s3(platform):
 def test_audit_shows_chain(platform):
     buf = io.StringIO()
     with redirect_stdout(buf):
-        code = run_audit("poa_a", store=platform.store, check_files=False)
+        code = run_audit("poa_a", store=platform.store, s3_settings=platform.storage.s3_settings(), check_files=True)
     text = buf.getvalue()
     assert code == 0, text
     assert "reference poa" in text and "model" in text and "up to date" in text
+    assert "(file at s3://platform-e2e/raw/references/poa.h5ad)" in text
 
 
 def test_tampered_model_is_refused(platform):

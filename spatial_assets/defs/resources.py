@@ -113,11 +113,16 @@ def _resolve_s3_settings(
         return _local_s3_settings(state_dir)
     env = S3Settings.from_env()
     return S3Settings(
-        endpoint_url=endpoint_url or env.endpoint_url,
-        access_key_id=aws_access_key_id or env.access_key_id,
-        secret_access_key=aws_secret_access_key or env.secret_access_key,
-        region_name=region_name or env.region_name,
+        endpoint_url=_value(endpoint_url) or env.endpoint_url,
+        access_key_id=_value(aws_access_key_id) or env.access_key_id,
+        secret_access_key=_value(aws_secret_access_key) or env.secret_access_key,
+        region_name=_value(region_name) or env.region_name,
     )
+
+
+def _value(setting: Any) -> Any:
+    """An ``EnvVar`` field is resolved by Dagster at run time; outside a run (CLI, demo) resolve it here."""
+    return setting.get_value() if isinstance(setting, dg.EnvVar) else setting
 
 
 def _check_kind(kind: str) -> None:
