@@ -12,7 +12,6 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24"
 	# torch first, CPU build, so nothing pulls the CUDA wheels
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
@@ -20,12 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
-	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 demo: setup
 	$(PY) -m spatial_assets.demo
 
 test: setup
+	SPATIAL_ASSETS_DEPLOYMENT=local $(VENV)/bin/dagster definitions validate -w workspace.yaml
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
 validate: setup
@@ -35,7 +35,8 @@ ui: setup
 	$(PY) -m spatial_assets.demo --ui-only
 
 bench: setup
-	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
+	-$(PY) -c "from pathlib import Path; from spatial_assets.seaweed import stop_running; stop_running(Path('.local/s3'))"
 	rm -rf .local

@@ -33,8 +33,7 @@ def prepare_environment() -> Path:
     home = Path(os.environ.setdefault("SPATIAL_ASSETS_HOME", str(REPO / ".local"))).resolve()
     dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(home / "dagster_home")))
     dagster_home.mkdir(parents=True, exist_ok=True)
-    if not (dagster_home / "dagster.yaml").exists():
-        shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")
+    shutil.copyfile(REPO / "dagster.yaml", dagster_home / "dagster.yaml")  # the repo's file is the source of truth
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return home
 
