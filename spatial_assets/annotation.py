@@ -1,8 +1,11 @@
 """Annotate a spatial (or any) query with a :class:`~spatial_assets.training.TrainedModel`.
 
-No celltypist code runs here: the query is prepared explicitly (subset to the model's genes,
-log1p-10k over exactly those genes, model scaler) and scored in row batches, so peak memory is the
-query's own sparse matrix plus one dense batch.
+No celltypist code runs here. The query is streamed in row batches: each batch is sliced from the
+query's own matrix, cut to the model's genes, normalised (log1p-10k over exactly those genes, a
+row-local operation) and scored with the scaler folded into the weights (``z = x * a + b`` so
+``z @ W.T = x @ (a * W).T + b @ W.T``: a sparse product, nothing densified). Peak memory is the
+query's own matrix plus one batch plus the outputs; no normalised copy of the query ever exists.
+The per-gene query moments needed by the alignment are accumulated in one streaming pass.
 
 Platform shift (scRNA-seq reference → imaging query) is the main source of error. Per gene, an
 imaging panel's detection efficiency differs from scRNA-seq's, which shifts and rescales every
@@ -30,7 +33,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from spatial_assets import schema
-from spatial_assets.training import VAR_FLOOR, TrainedModel, class_logits
+from spatial_assets.normalization import NormalizationPlan, plan_normalization
+from spatial_assets.training import VAR_FLOOR, TrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,12 @@ def _softmax(L: np.ndarray) -> np.ndarray:
     return E / E.sum(axis=1, keepdims=True)
 
 
+def _logsumexp(L: np.ndarray, axis: int = 1, keepdims: bool = False) -> np.ndarray:
+    m = L.max(axis=axis, keepdims=True)
+    out = m + np.log(np.exp(L - m).sum(axis=axis, keepdims=True))
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
 def _model_gene_index(adata: AnnData, model: TrainedModel, name: str) -> np.ndarray:
     var = pd.Index(adata.var_names.astype(str))
     if not var.is_unique:
@@ -69,65 +79,50 @@ def _model_gene_index(adata: AnnData, model: TrainedModel, name: str) -> np.ndar
     return idx
 
 
-def prepare_query(adata: AnnData, model: TrainedModel, *, name: str = "query") -> sp.csr_matrix:
-    """log1p-10k over exactly the model's genes (CSR float32), via ``ensure_normalized``.
-
-    Library size is recomputed over the model genes so reference and query are normalised over the
-    same gene set; raw counts are taken from ``layers['counts']`` / ``raw`` when present.
-    """
-    from spatial_assets.normalization import ensure_normalized
-
-    idx = _model_gene_index(adata, model, name)
-    layers: dict[str, Any] = {}
-    for key in ("counts", "raw_counts", "raw"):
-        if key in adata.layers:
-            layers[key] = adata.layers[key][:, idx]
-    if adata.raw is not None and "raw" not in layers:
-        raw_var = pd.Index(adata.raw.var_names.astype(str))
-        ridx = raw_var.get_indexer(model.genes)
-        if (ridx >= 0).all():
-            layers["raw"] = adata.raw.X[:, ridx]
-    sub = AnnData(X=adata.X[:, idx], obs=pd.DataFrame(index=adata.obs_names.astype(str)), layers=layers)
-    sub.var_names = list(model.genes)
+def _plan(adata: AnnData, model: TrainedModel, name: str) -> NormalizationPlan:
+    _model_gene_index(adata, model, name)
     try:
-        norm = ensure_normalized(sub)
+        return plan_normalization(adata, model.genes)
     except ValueError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
-    X = norm.X
-    return sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 
-def _gene_moments(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    n = X.shape[0]
-    s = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
-    sq = X.copy()
-    sq.data = sq.data.astype(np.float64) ** 2
-    s2 = np.asarray(sq.sum(axis=0), dtype=np.float64).ravel()
-    mean = s / n
-    var = np.maximum(s2 / n - mean**2, 0.0)
-    return mean, np.sqrt(var)
+def prepare_query(adata: AnnData, model: TrainedModel, *, name: str = "query") -> sp.csr_matrix:
+    """log1p-10k over exactly the model's genes (CSR float32) for the whole query.
+
+    Library size is recomputed over the model genes so reference and query are normalised over the
+    same gene set; raw counts are taken from ``layers['counts']`` / ``raw`` when present. This
+    materialises the normalised query: :func:`annotate` streams batches instead.
+    """
+    plan = _plan(adata, model, name)
+    return plan.rows(0, plan.n_obs)
 
 
-class _Transform:
-    """Affine per-gene map from log1p-10k to the model's scaled space: ``z = x * a + b``."""
+class _Linear:
+    """The model as arrays: logits = z @ W.T + c with z = x * a + b (a, b per gene)."""
 
-    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
-        self.a = a.astype(np.float32)
-        self.b = b.astype(np.float32)
+    def __init__(self, model: TrainedModel) -> None:
+        clf, sc = model.classifier, model.scaler
+        self.W = np.asarray(clf.coef_, dtype=np.float64)  # (K', G); K' = 1 for a binary model
+        self.c = np.asarray(clf.intercept_, dtype=np.float64)
+        G = self.W.shape[1]
+        scale = np.asarray(sc.scale_, dtype=np.float64) if getattr(sc, "scale_", None) is not None else np.ones(G)
+        mean = np.asarray(sc.mean_, dtype=np.float64) if getattr(sc, "with_mean", True) else np.zeros(G)
+        self.a_ref = 1.0 / scale
+        self.b_ref = -mean / scale
+        self.binary = self.W.shape[0] == 1
 
-    def __call__(self, X: sp.csr_matrix | np.ndarray) -> np.ndarray:
-        D = X.toarray() if sp.issparse(X) else np.asarray(X)
-        D = D.astype(np.float32, copy=False)
-        D *= self.a
-        D += self.b
-        return D
+    def fold(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weights acting on normalised x directly: (float32 (G, K') matrix, float64 (K',) offset)."""
+        return (self.W * a[None, :]).T.astype(np.float32), self.c + self.W @ b
 
+    def logits(self, S: np.ndarray) -> np.ndarray:
+        """Multinomial logits from raw scores; binary models get ``[0, s]`` (softmax == predict_proba)."""
+        return np.column_stack([np.zeros_like(S[:, 0]), S[:, 0]]) if self.binary else S
 
-def _scaler_transform(model: TrainedModel) -> _Transform:
-    sc = model.scaler
-    scale = np.asarray(sc.scale_, dtype=np.float64) if sc.scale_ is not None else np.ones(len(model.genes))
-    mean = np.asarray(sc.mean_, dtype=np.float64) if getattr(sc, "with_mean", True) else np.zeros(len(model.genes))
-    return _Transform(1.0 / scale, -mean / scale)
+    def decision(self, S: np.ndarray) -> np.ndarray:
+        """celltypist's decision-score convention (binary: ``[-s, s]``)."""
+        return np.column_stack([-S[:, 0], S[:, 0]]) if self.binary else S
 
 
 def _mixture_loglik(Z: np.ndarray, means: np.ndarray, variances: np.ndarray, n_iter: int = 30) -> float:
@@ -135,8 +130,6 @@ def _mixture_loglik(Z: np.ndarray, means: np.ndarray, variances: np.ndarray, n_i
 
     Mixture weights are fitted by EM so a query with a different composition is not penalised.
     """
-    from scipy.special import logsumexp
-
     v = variances + VAR_FLOOR
     inv = 1.0 / v
     # ||z - mu||^2 / v expanded: avoids a cells x classes x genes array
@@ -145,47 +138,72 @@ def _mixture_loglik(Z: np.ndarray, means: np.ndarray, variances: np.ndarray, n_i
     log_pi = np.full(means.shape[0], -np.log(means.shape[0]))
     for _ in range(n_iter):
         R = L + log_pi
-        R -= logsumexp(R, axis=1, keepdims=True)
+        R -= _logsumexp(R, axis=1, keepdims=True)
         pi = np.exp(R).mean(axis=0) + 1e-12
         log_pi = np.log(pi / pi.sum())
-    return float(logsumexp(L + log_pi, axis=1).mean() / Z.shape[1])
+    return float(_logsumexp(L + log_pi, axis=1).mean() / Z.shape[1])
+
+
+def _scan_query(
+    plan: NormalizationPlan, rows: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """One streaming pass: per-gene mean and sd of the normalised query, and the rows ``rows``."""
+    n = plan.n_obs
+    s1 = s2 = None
+    picked: list[sp.csr_matrix] = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        Xb = plan.rows(start, stop)
+        G = Xb.shape[1]
+        ones = np.ones(Xb.shape[0], dtype=Xb.dtype)
+        sq = sp.csr_matrix((np.square(Xb.data), Xb.indices, Xb.indptr), shape=Xb.shape)
+        # per-batch column sums (float32 over <= batch_size rows), accumulated across batches in float64
+        b1 = np.asarray(Xb.T @ ones, dtype=np.float64)
+        b2 = np.asarray(sq.T @ ones, dtype=np.float64)
+        s1, s2 = (b1, b2) if s1 is None else (s1 + b1, s2 + b2)
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            picked.append(Xb[rows[lo:hi] - start])
+    mean = s1 / n
+    var = np.maximum(s2 / n - mean**2, 0.0)
+    return mean, np.sqrt(var), sp.vstack(picked, format="csr")
 
 
 def _fit_alignment(
-    X: sp.csr_matrix,
+    plan: NormalizationPlan,
     model: TrainedModel,
+    lin: _Linear,
     alignment: str,
     *,
     seed: int,
     n_fit: int,
+    batch_size: int,
     max_em_iter: int = 30,
     tol: float = 1e-3,
-) -> tuple[_Transform, dict[str, Any]]:
-    """Choose and fit the query → model-space transform on a seeded subsample of ``n_fit`` cells."""
-    plain = _scaler_transform(model)
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Choose and fit the per-gene map ``z = x * a + b`` (query moments streamed; EM on a seeded subsample)."""
     if alignment == "none":
-        return plain, {"alignment": "none"}
+        return lin.a_ref, lin.b_ref, {"alignment": "none"}
     rng = np.random.default_rng(seed)
-    n = X.shape[0]
+    n = plan.n_obs
     rows = np.sort(rng.choice(n, size=n_fit, replace=False)) if n > n_fit else np.arange(n)
-    Xs = X[rows]
-    qmean, qsd = _gene_moments(X)
+    qmean, qsd, Xs = _scan_query(plan, rows, batch_size)
     a = np.where(qsd > 0, 1.0 / np.where(qsd > 0, qsd, 1.0), 0.0)
+    b_own = -qmean * a
     means = model.class_means
-    clf = model.classifier
-    own = _Transform(a, -qmean * a)(Xs)
-    P = _softmax(class_logits(clf, own))
+    Wf, c_own = lin.fold(a, b_own)
+    S0 = np.asarray(Xs @ Wf, dtype=np.float64) + c_own  # scores of the query standardised by its own moments
+    P = _softmax(lin.logits(S0))
     pi = P.mean(axis=0)
     n_iter = 0
     for n_iter in range(1, max_em_iter + 1):
-        P = _softmax(class_logits(clf, own + (pi @ means).astype(np.float32)))
+        P = _softmax(lin.logits(S0 + lin.W @ (pi @ means)))  # a shift of z by pi @ means moves scores by W @ it
         new_pi = P.mean(axis=0)
         delta = float(np.abs(new_pi - pi).max())
         pi = new_pi
         if delta < tol:
             break
     offset = pi @ means
-    recenter = _Transform(a, -qmean * a + offset)
     info: dict[str, Any] = {
         "em_iterations": n_iter,
         "estimated_proportions": {str(k): float(p) for k, p in zip(model.classes, pi)},
@@ -193,13 +211,23 @@ def _fit_alignment(
     }
     if alignment == "recenter":
         info["alignment"] = "recenter"
-        return recenter, info
+        return a, b_own + offset, info
     m = min(len(rows), N_LOGLIK_CELLS)  # the mean log-likelihood is stable on a few thousand cells
-    ll_none = _mixture_loglik(plain(Xs[:m]).astype(np.float64), means, model.class_vars)
-    ll_rec = _mixture_loglik((own[:m] + offset.astype(np.float32)).astype(np.float64), means, model.class_vars)
+    D = Xs[:m].toarray().astype(np.float64)
+    ll_none = _mixture_loglik(D * lin.a_ref + lin.b_ref, means, model.class_vars)
+    ll_rec = _mixture_loglik(D * a + (b_own + offset), means, model.class_vars)
     chosen = "recenter" if ll_rec > ll_none else "none"
     info.update({"alignment": chosen, "loglik_none": ll_none, "loglik_recenter": ll_rec})
-    return (recenter if chosen == "recenter" else plain), info
+    return (a, b_own + offset, info) if chosen == "recenter" else (lin.a_ref, lin.b_ref, info)
+
+
+def _categorical(values_per_code: list[str], codes: np.ndarray) -> pd.Categorical:
+    """``pd.Categorical(values_per_code[codes])`` without building a per-cell object array."""
+    used = np.unique(codes)
+    cats = sorted({values_per_code[i] for i in used})
+    pos = {v: i for i, v in enumerate(cats)}
+    lookup = np.array([pos.get(v, -1) for v in values_per_code], dtype=np.int64)  # -1: code unused
+    return pd.Categorical.from_codes(lookup[codes], categories=cats)
 
 
 def annotate(
@@ -207,7 +235,7 @@ def annotate(
     model: TrainedModel,
     *,
     confidence_threshold: float = 0.5,
-    batch_size: int = 50_000,
+    batch_size: int = 10_000,
     alignment: str = "auto",
     seed: int = 0,
     n_fit_cells: int = 20_000,
@@ -228,45 +256,43 @@ def annotate(
         raise AnnotationError(f"batch_size must be >= 1, got {batch_size}")
     if adata.n_obs == 0:
         raise AnnotationError(f"{name}: query has no cells")
-    from scipy.special import expit
 
-    X = prepare_query(adata, model, name=name)
-    transform, info = _fit_alignment(X, model, alignment, seed=seed, n_fit=n_fit_cells)
-    clf = model.classifier
+    plan = _plan(adata, model, name)
+    lin = _Linear(model)
+    a, b, info = _fit_alignment(plan, model, lin, alignment, seed=seed, n_fit=n_fit_cells, batch_size=batch_size)
+    Wf, c = lin.fold(a, b)
+    c32 = c.astype(np.float32)
     K = len(model.classes)
-    T = model.temperature
-    n = X.shape[0]
+    T = np.float32(model.temperature)
+    n = plan.n_obs
     scores = np.empty((n, K), dtype=np.float32)
     conf = np.empty(n, dtype=np.float32)
     best = np.empty(n, dtype=np.int64)
     for start in range(0, n, batch_size):
-        Z = transform(X[start : start + batch_size])
-        s = clf.decision_function(Z)
-        D = np.column_stack([-s, s]) if s.ndim == 1 else s  # celltypist's decision-score convention
-        L = np.column_stack([np.zeros_like(s), s]) if s.ndim == 1 else s
-        scores[start : start + len(D)] = D
-        best[start : start + len(D)] = D.argmax(axis=1)
-        conf[start : start + len(D)] = _softmax(L / T).max(axis=1)
-    classes = np.asarray(model.classes, dtype=object)
-    predicted = classes[best]
-    raw_conf = expit(scores[np.arange(n), best]).astype(np.float32)
+        stop = min(start + batch_size, n)
+        S = np.asarray(plan.rows(start, stop) @ Wf, dtype=np.float32)
+        S += c32
+        D = lin.decision(S)
+        scores[start:stop] = D
+        best[start:stop] = D.argmax(axis=1)
+        conf[start:stop] = _softmax(lin.logits(S) / T).max(axis=1)
+    top = scores[np.arange(n), best]
+    raw_conf = (1.0 / (1.0 + np.exp(-top.astype(np.float64)))).astype(np.float32)
 
+    classes = [str(k) for k in model.classes]
     ontology = model.card.get("ontology", {})
     assigned = conf >= confidence_threshold
-    call = np.where(assigned, predicted, schema.UNASSIGNED)
-    term = np.array([ontology.get(str(c), {}).get("term_id", "unknown") for c in predicted], dtype=object)
-    tlabel = np.array([ontology.get(str(c), {}).get("label", str(c)) for c in predicted], dtype=object)
-    term[~assigned] = schema.UNASSIGNED_ONTOLOGY_ID
-    tlabel[~assigned] = schema.UNASSIGNED_ONTOLOGY_LABEL
+    call_codes = np.where(assigned, best, K)
+    terms = [ontology.get(k, {}).get("term_id", "unknown") for k in classes] + [schema.UNASSIGNED_ONTOLOGY_ID]
+    tlabels = [ontology.get(k, {}).get("label", k) for k in classes] + [schema.UNASSIGNED_ONTOLOGY_LABEL]
 
     obs = adata.obs.copy()
-    cats = list(model.classes)
-    obs[schema.PREDICTED] = pd.Categorical(predicted, categories=cats)
+    obs[schema.PREDICTED] = pd.Categorical.from_codes(best, categories=classes)
     obs[schema.CONFIDENCE_RAW] = raw_conf
     obs[schema.CONFIDENCE] = conf
-    obs[schema.CELL_TYPE] = pd.Categorical(call, categories=cats + [schema.UNASSIGNED])
-    obs[schema.CELL_TYPE_ONTOLOGY_ID] = pd.Categorical(term)
-    obs[schema.CELL_TYPE_ONTOLOGY_LABEL] = pd.Categorical(tlabel)
+    obs[schema.CELL_TYPE] = pd.Categorical.from_codes(call_codes, categories=classes + [schema.UNASSIGNED])
+    obs[schema.CELL_TYPE_ONTOLOGY_ID] = _categorical(terms, call_codes)
+    obs[schema.CELL_TYPE_ONTOLOGY_LABEL] = _categorical(tlabels, call_codes)
 
     uns = dict(adata.uns)
     label_map = model.card.get("label_map", {})
@@ -275,12 +301,13 @@ def annotate(
         "method": METHOD,
         "confidence_threshold": float(confidence_threshold),
         "confidence": "temperature-scaled softmax maximum",
-        "temperature": float(T),
+        "temperature": float(model.temperature),
         "classes": list(model.classes),
         "model_sha256": model.sha256 or "",
         "n_genes": len(model.genes),
         "gene_overlap": 1.0,
         "unassigned_fraction": float(1.0 - assigned.mean()),
+        "normalization": plan.record(),
         **{k: v for k, v in info.items()},
     }
     obsm = dict(adata.obsm.items())

@@ -21,6 +21,7 @@ import pandas as pd
 from anndata import AnnData
 
 from spatial_assets import schema
+from spatial_assets.sharing import share_matrices
 
 STRATEGIES = ("proportional", "equal")
 _SINGLE_SOURCE = "all"
@@ -191,7 +192,9 @@ def cap_and_fill(
     output_size: int | None = None,
     seed: int = 0,
 ) -> AnnData:
-    """Return a balanced subset (a copy, rows in original order) with `uns['balancing']`.
+    """Return a balanced subset (rows in original order) with `uns['balancing']`.
+
+    The chosen rows are copied; when every row is kept the matrices are shared with the input.
 
     Per class target = min(available, max_cells_per_type). With `target_proportions`, the final
     size N is `output_size` or the size of the capped set; a listed class gets
@@ -270,7 +273,7 @@ def cap_and_fill(
                 chosen.append(rng.choice(idx, size=k, replace=False))
             rows.append((c, s, len(idx), k))
     keep = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=int)
-    out = adata[keep].copy()
+    out = share_matrices(adata, keep)  # a copy of the chosen rows; shared when every row is kept
 
     counts = pd.DataFrame(rows, columns=["cell_type", "reference_source", "available", "selected"])
     per_class = counts.groupby("cell_type", sort=True)[["available", "selected"]].sum()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -288,20 +288,13 @@ def _classify_x(stats: _Stats) -> tuple[str, float | None]:
     return "unknown", expm1_median
 
 
-def detect_normalization(adata: AnnData, *, n_sample: int = 10_000, seed: int = 0) -> NormalizationStatus:
-    """Find raw counts (layers, ``.raw``, X) and classify the scale of X from a random sample.
-
-    Integer test: > 95 % of a uniform random sample of up to ``n_sample`` non-zero values are within
-    1e-6 of an integer and none is negative. Row sums come from ``max(200, n_sample // 5)`` random rows.
-    """
-    if n_sample < 1:
-        raise ValueError(f"n_sample must be >= 1, got {n_sample}")
+def _detect(candidates: Iterable[tuple[str, Any]], X: Any, *, n_sample: int, seed: int) -> NormalizationStatus:
     raw_source: str | None = None
-    for name, matrix in _raw_candidates(adata):
+    for name, matrix in candidates:
         if is_count_matrix(matrix, n_sample=n_sample, seed=seed):
             raw_source = name
             break
-    stats = _sample_stats(adata.X, n_sample=n_sample, seed=seed) if adata.X is not None else None
+    stats = _sample_stats(X, n_sample=n_sample, seed=seed) if X is not None else None
     if stats is None:
         x_state, median = "unknown", None
         stats = _Stats(0, np.empty(0), None, None, np.empty(0), np.empty(0), (0, 0), (0, 0))
@@ -320,6 +313,17 @@ def detect_normalization(adata: AnnData, *, n_sample: int = 10_000, seed: int = 
         log_count_structure=_fraction(stats.log_struct),
         linear_count_structure=_fraction(stats.lin_struct),
     )
+
+
+def detect_normalization(adata: AnnData, *, n_sample: int = 10_000, seed: int = 0) -> NormalizationStatus:
+    """Find raw counts (layers, ``.raw``, X) and classify the scale of X from a random sample.
+
+    Integer test: > 95 % of a uniform random sample of up to ``n_sample`` non-zero values are within
+    1e-6 of an integer and none is negative. Row sums come from ``max(200, n_sample // 5)`` random rows.
+    """
+    if n_sample < 1:
+        raise ValueError(f"n_sample must be >= 1, got {n_sample}")
+    return _detect(_raw_candidates(adata), adata.X, n_sample=n_sample, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,33 +347,61 @@ def _as_matrix(X: Any) -> np.ndarray | sp.spmatrix:
     return np.asarray(X)
 
 
-def _log1p_per_10k(X: Any, target_sum: float) -> np.ndarray | sp.csr_matrix:
+def _row_sums(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per-row sums of CSR data (empty rows give 0), as float64."""
+    lengths = np.diff(indptr)
+    sums = np.zeros(lengths.size, dtype=np.float64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        # consecutive non-empty starts delimit exactly one row's values (the rows between are empty)
+        sums[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty])
+    return sums
+
+
+def _log1p_scaled_csr(
+    X: sp.spmatrix, target_sum: float, *, expm1_first: bool = False, inplace: bool = False
+) -> sp.csr_matrix:
+    """log1p(rows scaled to ``target_sum``) as float32 CSR; row-local, so it works per row block.
+
+    float32 throughout (values are log1p of at most ~1e10, far inside float32's precision needs).
+    New memory unless ``inplace`` (the caller owns ``X``, e.g. a freshly sliced row block).
+    """
+    X = X if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) else sp.csr_matrix(X)
+    if inplace and X.dtype == np.float32:
+        out = sp.csr_matrix((X.data, X.indices, X.indptr), shape=X.shape, copy=False)
+    else:
+        out = sp.csr_matrix(
+            (np.array(X.data, dtype=np.float32, copy=True), X.indices.copy(), X.indptr.copy()), shape=X.shape
+        )
+    out.sum_duplicates()
+    data = out.data
+    if expm1_first:
+        np.expm1(data, out=data)
+    sums = _row_sums(data, out.indptr)
+    scale = np.zeros(sums.shape, dtype=np.float32)
+    np.divide(target_sum, sums, out=scale, where=sums > 0, casting="unsafe")
+    data *= np.repeat(scale, np.diff(out.indptr))
+    np.log1p(data, out=data)
+    out.eliminate_zeros()
+    return out
+
+
+def _log1p_per_10k(X: Any, target_sum: float, *, expm1_first: bool = False) -> np.ndarray | sp.csr_matrix:
     """log1p(X scaled so every non-empty row sums to ``target_sum``), float32, new memory.
 
     Library size is the sum over the genes of this object: callers subset to the shared panel first.
     """
     X = _as_matrix(X)
-    sums = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    with np.errstate(divide="ignore"):
-        scale = np.where(sums > 0, target_sum / sums, 0.0)
     if sp.issparse(X):
-        out = sp.csr_matrix(X, dtype=np.float32, copy=True)
-        out.sum_duplicates()
-        data = out.data.astype(np.float64) * np.repeat(scale, np.diff(out.indptr))
-        out.data = np.log1p(data).astype(np.float32)
-        out.eliminate_zeros()
-        return out
-    out = np.asarray(X, dtype=np.float64) * scale[:, None]
-    return np.log1p(out).astype(np.float32)
-
-
-def _expm1_matrix(X: Any) -> np.ndarray | sp.csr_matrix:
-    X = _as_matrix(X)
-    if sp.issparse(X):
-        out = sp.csr_matrix(X, dtype=np.float64, copy=True)
-        out.data = np.expm1(out.data)
-        return out
-    return np.expm1(np.asarray(X, dtype=np.float64))
+        return _log1p_scaled_csr(X, target_sum, expm1_first=expm1_first)
+    out = np.array(X, dtype=np.float32, copy=True)
+    if expm1_first:
+        np.expm1(out, out=out)
+    sums = out.sum(axis=1, dtype=np.float64)
+    scale = np.zeros(sums.shape, dtype=np.float32)
+    np.divide(target_sum, sums, out=scale, where=sums > 0, casting="unsafe")
+    out *= scale[:, None]
+    return np.log1p(out, out=out)
 
 
 def _as_float32(X: Any) -> np.ndarray | sp.csr_matrix:
@@ -398,6 +430,42 @@ def _refusal(status: NormalizationStatus, where: str) -> str:
     return f"{status.describe()} and no raw counts were found in {', '.join(RAW_CANDIDATES)}{where}: {hint}"
 
 
+def _choose_method(status: NormalizationStatus, target_sum: float, unsafe_force: bool, where: str) -> str:
+    """How to reach log1p-``target_sum`` from what detection saw; refuses (or warns when forced)."""
+    if status.raw_source is not None:
+        return "from_raw_counts"
+    if status.x_state == "log1p_10k":
+        return "as_is" if target_sum == 1e4 else "rescaled_log1p"
+    if status.x_state == "linear":
+        return "from_linear"
+    if not unsafe_force:
+        raise NormalizationError(_refusal(status, where))
+    method = "forced_rescaled_log1p" if status.x_state in ("log1p_cpm", "log1p_other") else "forced_as_is"
+    logger.warning(
+        "UNSAFE NORMALIZATION FORCED: %s and no raw counts were found%s; proceeding with %s. "
+        "Predictions from this object may be systematically wrong.",
+        status.describe(),
+        where,
+        method,
+    )
+    return method
+
+
+def _normalize_matrix(X: Any, method: str, target_sum: float, *, inplace: bool = False) -> np.ndarray | sp.csr_matrix:
+    """Apply a method chosen by :func:`_choose_method` to a whole matrix or a row block.
+
+    New memory, unless ``inplace`` and ``X`` is a float32 CSR the caller owns.
+    """
+    expm1_first = method in ("rescaled_log1p", "forced_rescaled_log1p")
+    if inplace and sp.issparse(X):
+        if method in ("as_is", "forced_as_is"):
+            return sp.csr_matrix(X, dtype=np.float32)
+        return _log1p_scaled_csr(X, target_sum, expm1_first=expm1_first, inplace=True)
+    if method in ("as_is", "forced_as_is"):
+        return _as_float32(X)
+    return _log1p_per_10k(X, target_sum, expm1_first=expm1_first)
+
+
 def ensure_normalized(
     adata: AnnData,
     *,
@@ -405,10 +473,12 @@ def ensure_normalized(
     unsafe_force: bool = False,
     seed: int = 0,
     n_sample: int = 10_000,
+    keep_counts: bool = True,
 ) -> AnnData:
     """Return a new AnnData with X = log1p(counts per ``target_sum``), float32, sparse kept sparse.
 
-    Preference: raw counts (copied to ``layers['counts']``) > X already log1p-10k > X linear. Anything
+    Preference: raw counts (copied to ``layers['counts']`` unless ``keep_counts=False``, which saves
+    one copy of the matrix when the caller does not need them) > X already log1p-10k > X linear. Anything
     else raises :class:`NormalizationError` unless ``unsafe_force`` (logged at WARNING). What was
     done is recorded in ``uns['normalization']``. The caller's object is never modified.
     """
@@ -416,42 +486,19 @@ def ensure_normalized(
         raise ValueError(f"target_sum must be > 0, got {target_sum}")
     status = detect_normalization(adata, n_sample=n_sample, seed=seed)
     where = f" (file {adata.filename})" if adata.isbacked else ""
+    method = _choose_method(status, target_sum, unsafe_force, where)
     layers: dict[str, Any] = {}
-    drop_raw = False
+    drop_raw = status.raw_source == "raw.X"
     if status.raw_source is not None:
         counts = _get_source(adata, status.raw_source)
-        X = _log1p_per_10k(counts, target_sum)
-        layers[COUNTS_LAYER] = _copy_matrix(counts)
-        drop_raw = status.raw_source == "raw.X"
-        method = "from_raw_counts"
-    elif status.x_state == "log1p_10k" and target_sum == 1e4:
-        X = _as_float32(adata.X)
-        method = "as_is"
-    elif status.x_state == "log1p_10k":
-        X = _log1p_per_10k(_expm1_matrix(adata.X), target_sum)
-        method = "rescaled_log1p"
-    elif status.x_state == "linear":
-        X = _log1p_per_10k(adata.X, target_sum)
-        method = "from_linear"
-    elif unsafe_force:
-        if status.x_state in ("log1p_cpm", "log1p_other"):
-            X = _log1p_per_10k(_expm1_matrix(adata.X), target_sum)
-            method = "forced_rescaled_log1p"
-        else:
-            X = _as_float32(adata.X)
-            method = "forced_as_is"
-        logger.warning(
-            "UNSAFE NORMALIZATION FORCED: %s and no raw counts were found%s; proceeding with %s. "
-            "Predictions from this object may be systematically wrong.",
-            status.describe(),
-            where,
-            method,
-        )
+        X = _normalize_matrix(counts, method, target_sum)
+        if keep_counts:
+            layers[COUNTS_LAYER] = _copy_matrix(counts)
     else:
-        raise NormalizationError(_refusal(status, where))
+        X = _normalize_matrix(adata.X, method, target_sum)
 
     for name in adata.layers.keys():
-        if name not in layers:
+        if name not in layers and (keep_counts or name != COUNTS_LAYER):
             layers[name] = _copy_matrix(adata.layers[name])
     uns = copy.deepcopy(dict(adata.uns))
     uns["normalization"] = {
@@ -477,3 +524,135 @@ def ensure_normalized(
     if adata.raw is not None and not drop_raw:
         out.raw = adata.raw.to_adata()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# row-block normalization (annotation of large queries)
+
+
+class _ColumnView:
+    """Rows of ``matrix`` restricted to columns ``cols``, read on demand.
+
+    Lets detection sample a gene subset of a large query without materialising the subset.
+    """
+
+    def __init__(self, matrix: Any, cols: np.ndarray) -> None:
+        self.matrix = matrix
+        self.cols = cols
+        self.shape = (int(matrix.shape[0]), int(cols.size))
+
+    def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
+        return _read_rows(self.matrix, rows)[:, self.cols]
+
+
+def _view(matrix: Any, cols: np.ndarray | None) -> Any:
+    return matrix if cols is None else _ColumnView(matrix, cols)
+
+
+def _read_row_range(X: Any, start: int, stop: int) -> sp.csr_matrix:
+    if sp.issparse(X) and X.format == "csr":
+        # zero-copy view of the rows (callers never write into it)
+        p0, p1 = int(X.indptr[start]), int(X.indptr[stop])
+        return sp.csr_matrix(
+            (X.data[p0:p1], X.indices[p0:p1], X.indptr[start : stop + 1] - p0), shape=(stop - start, X.shape[1]), copy=False
+        )
+    if sp.issparse(X):
+        return sp.csr_matrix(X[start:stop])
+    block = X[start:stop]
+    if hasattr(block, "compute"):  # dask
+        block = block.compute()
+    if hasattr(block, "to_memory"):
+        block = block.to_memory()
+    return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+
+@dataclass
+class NormalizationPlan:
+    """What :func:`plan_normalization` decided; :meth:`rows` applies it to one block of rows.
+
+    log1p(counts per 10k over the chosen genes) is row-local, so a query can be normalised batch by
+    batch inside the scoring loop and never exists as a full normalised copy.
+    """
+
+    status: NormalizationStatus
+    method: str
+    target_sum: float
+    matrix: Any = field(repr=False)
+    cols: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.matrix.shape[0])
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """log1p-``target_sum`` of rows ``start:stop`` over the planned genes, as a new float32 CSR."""
+        block = _read_row_range(self.matrix, start, stop)
+        if self.cols is not None:
+            block = block[:, self.cols]
+        # the block is ours unless slicing handed back the caller's own arrays
+        owned = not (sp.issparse(self.matrix) and np.may_share_memory(block.data, self.matrix.data))
+        return sp.csr_matrix(_normalize_matrix(block, self.method, self.target_sum, inplace=owned))
+
+    def record(self) -> dict[str, Any]:
+        """The ``uns['normalization']`` record :func:`ensure_normalized` would write."""
+        return {
+            "source_state": self.status.x_state,
+            "raw_source": self.status.raw_source or "",
+            "target_sum": float(self.target_sum),
+            "method": self.method,
+            "integer_fraction": float(self.status.integer_fraction),
+            "median_row_sum": float("nan") if self.status.median_row_sum is None else float(self.status.median_row_sum),
+            "raw_dropped": self.status.raw_source == "raw.X",
+        }
+
+
+def plan_normalization(
+    adata: AnnData,
+    genes: Sequence[str] | None = None,
+    *,
+    target_sum: float = 1e4,
+    unsafe_force: bool = False,
+    seed: int = 0,
+    n_sample: int = 10_000,
+) -> NormalizationPlan:
+    """Detect the scale of ``adata`` restricted to ``genes`` and return how to normalise its rows.
+
+    Same detection, preferences and refusals as :func:`ensure_normalized` on ``adata[:, genes]``
+    (library size over exactly ``genes``), but nothing is copied: the plan reads rows on demand.
+    """
+    if target_sum <= 0:
+        raise ValueError(f"target_sum must be > 0, got {target_sum}")
+    if n_sample < 1:
+        raise ValueError(f"n_sample must be >= 1, got {n_sample}")
+    var = pd.Index(adata.var_names.astype(str))
+    names = list(var) if genes is None else [str(g) for g in genes]
+    cols: np.ndarray | None = var.get_indexer(names)
+    missing = [g for g, i in zip(names, cols) if i < 0]
+    if missing:
+        raise NormalizationError(f"{len(missing)} requested genes are not in var_names: {missing[:20]}")
+    if cols.size == len(var) and np.array_equal(cols, np.arange(len(var))):
+        cols = None
+    candidates: list[tuple[str, Any, np.ndarray | None]] = []
+    for name in ("counts", "raw_counts", "raw"):
+        if name in adata.layers:
+            candidates.append((f"layers['{name}']", adata.layers[name], cols))
+    if adata.raw is not None:
+        rcols = pd.Index(adata.raw.var_names.astype(str)).get_indexer(names)
+        if (rcols >= 0).all():
+            identity = rcols.size == adata.raw.n_vars and np.array_equal(rcols, np.arange(rcols.size))
+            candidates.append(("raw.X", adata.raw.X, None if identity else rcols))
+        else:
+            logger.info("raw.X ignored as a counts source: it lacks some of the requested genes")
+    X = adata.X
+    if sp.issparse(X) and X.format != "csr":
+        X = sp.csr_matrix(X)  # row blocks of CSC/COO are not cheap
+    status = _detect(((n, _view(m, c)) for n, m, c in candidates), _view(X, cols), n_sample=n_sample, seed=seed)
+    where = f" (file {adata.filename})" if adata.isbacked else ""
+    method = _choose_method(status, target_sum, unsafe_force, where)
+    if status.raw_source in (None, "X"):
+        matrix, mcols = X, cols
+    else:
+        _, matrix, mcols = next(c for c in candidates if c[0] == status.raw_source)
+        if sp.issparse(matrix) and matrix.format != "csr":
+            matrix = sp.csr_matrix(matrix)
+    return NormalizationPlan(status=status, method=method, target_sum=float(target_sum), matrix=matrix, cols=mcols)

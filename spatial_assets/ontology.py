@@ -25,6 +25,7 @@ import pandas as pd
 from anndata import AnnData
 
 from spatial_assets import schema
+from spatial_assets.sharing import share_matrices
 
 TIERS = ("exact", "synonym", "pattern", "token", "unmapped")
 NATIVE_TIER = "native"
@@ -304,7 +305,9 @@ def apply_ontology(
     existing_id_column: str = schema.CELL_TYPE_ONTOLOGY_ID,
     **kw: Any,
 ) -> tuple[AnnData, pd.DataFrame]:
-    """Return a copy with ontology-keyed training classes, plus the audit table.
+    """Return a new AnnData with ontology-keyed training classes, plus the audit table.
+
+    The new object's obs/var/uns are its own; X and layers are the input's arrays (not copied).
 
     `cell_type` is the CL label when mapped (so "Macrophages" and "macrophage" from two
     references become one class) and the original label otherwise (unmapped labels stay
@@ -358,7 +361,7 @@ def apply_ontology(
         codes = pd.Categorical(per[name], categories=cats).codes
         return pd.Categorical.from_codes(codes[pair_codes], categories=cats)
 
-    out = adata.copy()
+    out = share_matrices(adata)  # only obs/uns change: the matrices are shared, not copied
     out.obs[schema.CELL_TYPE] = column("cell_type")
     out.obs[schema.CELL_TYPE_ONTOLOGY_ID] = column("ontology_term_id")
     out.obs[schema.CELL_TYPE_ONTOLOGY_LABEL] = column("ontology_label")

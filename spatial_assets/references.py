@@ -24,7 +24,7 @@ from anndata import AnnData
 from anndata.io import read_elem, sparse_dataset
 
 from spatial_assets.ids import validate_id
-from spatial_assets.normalization import NormalizationError, ensure_normalized, is_count_matrix
+from spatial_assets.normalization import NormalizationError, _normalize_matrix, is_count_matrix, plan_normalization
 from spatial_assets.objectstore import S3Settings, fetch_to_cache, head, is_s3_uri, sha256_file
 from spatial_assets.schema import CELL_TYPE_ONTOLOGY_ID, COUNTS_LAYER, ORIGINAL_LABEL, REFERENCE_SOURCE
 
@@ -58,6 +58,8 @@ _COUNT_ELEMENTS: tuple[str, ...] = ("layers/counts", "layers/raw_counts", "layer
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 #: dense on-disk matrices are read in blocks of at most this many elements (≈100 MB float32)
 _DENSE_BLOCK_ELEMENTS = 25_000_000
+#: sparse on-disk matrices are read in chunks of about this many stored values (~16 MB data + indices)
+_SPARSE_CHUNK_NNZ = 2_000_000
 
 
 def looks_like_ensembl(names: Sequence[str]) -> bool:
@@ -132,11 +134,11 @@ def _read_panel_columns(mat: Any, cols: np.ndarray, chunk_size: int) -> sp.csr_m
         return sp.csr_matrix(block[:, inverse])
     if fmt == "dense":
         rows_per = max(1, min(chunk_size, _DENSE_BLOCK_ELEMENTS // max(n_cols, 1)))
+        bounds = list(range(0, n_rows, rows_per)) + [n_rows]
     else:
-        rows_per = chunk_size
+        bounds = _sparse_row_bounds(mat, chunk_size)
     parts: list[sp.csr_matrix] = []
-    for start in range(0, n_rows, rows_per):
-        stop = min(start + rows_per, n_rows)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
         block = mat[start:stop]
         if sp.issparse(block):
             parts.append(sp.csr_matrix(block)[:, cols])
@@ -145,9 +147,56 @@ def _read_panel_columns(mat: Any, cols: np.ndarray, chunk_size: int) -> sp.csr_m
         del block
     if not parts:
         return sp.csr_matrix((0, cols.size), dtype=np.float32)
-    out = sp.vstack(parts, format="csr")
+    out = vstack_csr(parts)
     out.sort_indices()
     return out
+
+
+def _sparse_row_bounds(mat: Any, chunk_size: int) -> list[int]:
+    """Row boundaries of chunks holding at most ``chunk_size`` rows and ~``_SPARSE_CHUNK_NNZ`` stored values.
+
+    Bounding by stored values, not rows, keeps one chunk of a dense-ish atlas (many genes per cell)
+    as small as one of a sparse one.
+    """
+    n_rows = int(mat.shape[0])
+    group = getattr(mat, "group", None)
+    if group is None or "indptr" not in group:
+        return list(range(0, n_rows, chunk_size)) + [n_rows]
+    indptr = np.asarray(group["indptr"][...], dtype=np.int64)
+    bounds = [0]
+    while bounds[-1] < n_rows:
+        start = bounds[-1]
+        by_nnz = int(np.searchsorted(indptr, indptr[start] + _SPARSE_CHUNK_NNZ, side="right")) - 1
+        bounds.append(min(n_rows, start + chunk_size, max(by_nnz, start + 1)))
+    return bounds
+
+
+def vstack_csr(parts: list[sp.spmatrix]) -> sp.csr_matrix:
+    """Row-stack CSR blocks, consuming ``parts`` (emptied) so peak memory is the result + one block.
+
+    ``scipy.sparse.vstack`` keeps every input alive while it builds the output (2x the data).
+    """
+    parts[:] = [p if sp.isspmatrix_csr(p) else sp.csr_matrix(p) for p in parts]
+    n_cols = parts[0].shape[1] if parts else 0
+    nnz = sum(int(p.nnz) for p in parts)
+    n_rows = sum(int(p.shape[0]) for p in parts)
+    dtype = np.result_type(*[p.dtype for p in parts]) if parts else np.float32
+    idx_dtype = np.int32 if max(nnz, n_cols) < np.iinfo(np.int32).max else np.int64
+    data = np.empty(nnz, dtype=dtype)
+    indices = np.empty(nnz, dtype=idx_dtype)
+    indptr = np.empty(n_rows + 1, dtype=idx_dtype)
+    indptr[0] = 0
+    r = p = 0
+    while parts:
+        blk = parts.pop(0)
+        blk.sum_duplicates()
+        k, m = int(blk.nnz), int(blk.shape[0])
+        data[p : p + k] = blk.data
+        indices[p : p + k] = blk.indices
+        indptr[r + 1 : r + m + 1] = blk.indptr[1:] + p
+        r, p = r + m, p + k
+        del blk
+    return sp.csr_matrix((data[:p], indices[:p], indptr[: r + 1]), shape=(r, n_cols))
 
 
 def _zero_overlap_message(file: str, panel: Sequence[str], ref_ids: Sequence[str], ref_symbols: Sequence[str]) -> str:
@@ -330,9 +379,12 @@ def _label_filter(
 
 
 def _stack(mats: list[Any]) -> Any:
+    """Row-stack, consuming ``mats`` (emptied) to keep peak memory near the result's size."""
     if any(sp.issparse(m) for m in mats):
-        return sp.vstack([sp.csr_matrix(m) for m in mats], format="csr")
-    return np.vstack(mats)
+        return vstack_csr(mats)
+    out = np.vstack(mats)
+    mats.clear()
+    return out
 
 
 def combine_references(
@@ -372,36 +424,51 @@ def combine_references(
         found = {n: len(p) for n, p in zip(names, present_sets)}
         raise ReferenceError(f"the references share no panel gene (panel genes found per reference: {found})")
 
-    parts: list[AnnData] = []
+    x_parts: list[Any] = []
+    count_parts: list[Any] = []
+    obs_parts: list[pd.DataFrame] = []
     info: dict[str, Any] = {}
-    for spec, name, sub in zip(specs, names, subsets):
-        sub = sub[:, shared].copy()
+    for i, (spec, name) in enumerate(zip(specs, names)):
+        sub = subsets[i]
+        subsets[i] = None  # type: ignore[call-overload]  # each subset is freed once its part is built
+        if list(sub.var_names) != shared:
+            sub = sub[:, shared].copy()
         read_info = dict(sub.uns.pop("reference_read"))
+        n_before = int(sub.n_obs)
+        # normalise the matrix we just read (we own it: no defensive copies); same detection and
+        # refusals as ensure_normalized
         try:
-            norm = ensure_normalized(sub, seed=seed)
+            plan = plan_normalization(sub, seed=seed)
         except NormalizationError as exc:
             raise NormalizationError(f"reference {spec.uri} ({name}): {exc}") from exc
-        keep, rm_labels, rm_counts, rm_reasons = _label_filter(
-            norm.obs[spec.label_column], placeholders, min_cells_per_type
-        )
+        Xn = _normalize_matrix(plan.matrix, plan.method, plan.target_sum)
+        counts = plan.matrix if plan.status.raw_source is not None else None
+        keep, rm_labels, rm_counts, rm_reasons = _label_filter(sub.obs[spec.label_column], placeholders, min_cells_per_type)
         if not keep.any():
             removed = ", ".join(f"{lab!r} ×{n} ({why})" for lab, n, why in zip(rm_labels, rm_counts, rm_reasons))
             raise ReferenceError(
                 f"reference {spec.uri} ({name}) has no cells left after label filtering of column "
                 f"{spec.label_column!r}; removed: {removed}"
             )
-        kept = norm[keep].copy()
+        sub_obs = sub.obs
+        norm_record = plan.record()
+        del sub, plan
+        if not keep.all():
+            Xn = Xn[keep]
+            counts = counts[keep] if counts is not None else None
+            sub_obs = sub_obs[keep]
         obs = pd.DataFrame(
             {
-                ORIGINAL_LABEL: kept.obs[spec.label_column].astype(str).to_numpy(),
+                ORIGINAL_LABEL: sub_obs[spec.label_column].astype(str).to_numpy(),
                 REFERENCE_SOURCE: name,
             },
-            index=kept.obs_names,
+            index=sub_obs.index,
         )
-        if CELL_TYPE_ONTOLOGY_ID in kept.obs.columns and spec.label_column != CELL_TYPE_ONTOLOGY_ID:
-            obs[CELL_TYPE_ONTOLOGY_ID] = kept.obs[CELL_TYPE_ONTOLOGY_ID].astype(object).to_numpy()
-        kept.obs = obs
-        parts.append(kept)
+        if CELL_TYPE_ONTOLOGY_ID in sub_obs.columns and spec.label_column != CELL_TYPE_ONTOLOGY_ID:
+            obs[CELL_TYPE_ONTOLOGY_ID] = sub_obs[CELL_TYPE_ONTOLOGY_ID].astype(object).to_numpy()
+        x_parts.append(Xn)
+        count_parts.append(sp.csr_matrix(counts, dtype=np.float32) if counts is not None and sp.issparse(counts) else counts)
+        obs_parts.append(obs)
         fp = reference_fingerprint(spec.uri, settings=settings)
         info[name] = {
             "uri": str(spec.uri),
@@ -412,32 +479,33 @@ def combine_references(
             "organism": spec.organism or "",
             "counts_source": read_info["counts_source"],
             "n_genes_found": int(read_info["n_genes_found"]),
-            "n_cells_before": int(sub.n_obs),
-            "n_cells_after": int(kept.n_obs),
+            "n_cells_before": n_before,
+            "n_cells_after": int(obs.shape[0]),
             "n_labels_after": int(obs[ORIGINAL_LABEL].nunique()),
             "removed_labels": rm_labels,
             "removed_counts": rm_counts,
             "removed_reasons": rm_reasons,
-            "normalization": dict(norm.uns["normalization"]),
+            "normalization": norm_record,
         }
-        logger.info("reference %s: %d → %d cells, %d genes", name, sub.n_obs, kept.n_obs, len(shared))
+        logger.info("reference %s: %d → %d cells, %d genes", name, n_before, obs.shape[0], len(shared))
 
-    labels = pd.unique(np.concatenate([p.obs[ORIGINAL_LABEL].to_numpy() for p in parts]))
+    labels = pd.unique(np.concatenate([o[ORIGINAL_LABEL].to_numpy() for o in obs_parts]))
     if len(labels) < 2:
         raise ReferenceError(
             f"the combined references have a single cell type after filtering ({labels[0]!r}); "
             "a classifier needs at least 2 classes"
         )
 
-    obs = pd.concat([p.obs for p in parts], axis=0, join="outer")
+    obs = pd.concat(obs_parts, axis=0, join="outer")
     if obs.index.has_duplicates:
         obs.index = pd.Index([f"{s}:{i}" for s, i in zip(obs[REFERENCE_SOURCE], obs.index)])
     obs[ORIGINAL_LABEL] = pd.Categorical(obs[ORIGINAL_LABEL])
     obs[REFERENCE_SOURCE] = pd.Categorical(obs[REFERENCE_SOURCE], categories=names)
-    keep_counts = all(COUNTS_LAYER in p.layers for p in parts)
-    layers = {COUNTS_LAYER: _stack([p.layers[COUNTS_LAYER] for p in parts])} if keep_counts else {}
+    keep_counts = all(c is not None for c in count_parts)
+    layers = {COUNTS_LAYER: _stack(count_parts)} if keep_counts else {}
+    count_parts.clear()
     out = AnnData(
-        X=_stack([p.X for p in parts]),
+        X=_stack(x_parts),
         obs=obs,
         var=pd.DataFrame(index=pd.Index(shared)),
         layers=layers,

@@ -3,9 +3,13 @@
 Why not ``celltypist.train``: in celltypist 1.7.1 the default (non-SGD) path passes
 ``multi_class`` to scikit-learn, which 1.9 removed, and mini-batch SGD underfits small references
 and is ~30x slower than a multinomial L-BFGS fit (measured: 2.9 s at 200k cells x 500 genes).
-So the model is fitted with scikit-learn directly (StandardScaler + multinomial L-BFGS) and written
-in celltypist's own pickle layout (``{'Model', 'Scaler_', 'description'}``) so that
-``celltypist.models.Model.load(path)`` still opens it. Neither scanpy nor celltypist is imported.
+So the model is a StandardScaler + multinomial L-BFGS logistic regression with scikit-learn's exact
+objective (mean cross-entropy + ``1 / (2 C n) ||W||^2``, intercept unpenalised), written as
+scikit-learn objects in celltypist's own pickle layout (``{'Model', 'Scaler_', 'description'}``) so
+that ``celltypist.models.Model.load(path)`` still opens it. The optimisation itself runs here on one
+standardised float32 copy of the training matrix (scikit-learn's solver upcasts it to float64 on
+every gradient evaluation: 2x the memory and ~4x the time), via ``scipy.optimize`` L-BFGS-B with
+scikit-learn's stopping rules. Neither scanpy nor celltypist is imported.
 
 The classifier also carries what annotation needs to handle platform shift (per-class means and
 variances of the scaled training data) and a softmax temperature fitted on held-out reference
@@ -72,7 +76,10 @@ class TrainedModel:
 
 
 def _dense32(X: Any) -> np.ndarray:
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    """A new dense float32 array (never a view of the caller's data: it is modified in place)."""
+    if sp.issparse(X):
+        return sp.csr_matrix(X, dtype=np.float32).toarray()
+    return np.array(X, dtype=np.float32, copy=True)
 
 
 def class_logits(clf: Any, Z: np.ndarray) -> np.ndarray:
@@ -154,6 +161,101 @@ def _most_common(values: pd.Series, fallback: str) -> str:
     return str(vals.value_counts().index[0]) if len(vals) else fallback
 
 
+def _standardize_inplace(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """StandardScaler statistics (float64, two-pass) and ``X`` standardised in place; zero-variance genes keep scale 1."""
+    n = X.shape[0]
+    step = max(1, 4_000_000 // max(X.shape[1], 1))
+    mean = np.zeros(X.shape[1])
+    for i in range(0, n, step):
+        mean += X[i : i + step].sum(axis=0, dtype=np.float64)
+    mean /= n
+    var = np.zeros(X.shape[1])
+    for i in range(0, n, step):
+        var += np.square(X[i : i + step] - mean).sum(axis=0)
+    var /= n
+    scale = np.sqrt(var)
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0  # as sklearn's _handle_zeros_in_scale
+    X -= mean.astype(np.float32)
+    X *= (1.0 / scale).astype(np.float32)
+    return mean, var, scale
+
+
+def _fit_multinomial(
+    Z: np.ndarray,
+    y_idx: np.ndarray,
+    n_classes: int,
+    l2: float,
+    *,
+    weights: np.ndarray | None,
+    max_iter: int,
+    tol: float,
+    init: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Minimise ``sum_i w_i CE_i + l2/2 ||W||^2`` (``w`` sums to 1; K=2 uses one logit, as sklearn).
+
+    Z stays float32 (logits and gradients are float32 products, parameters float64); rows with
+    weight 0 cost compute but no copy, which is how the calibration fit leaves its held-out cells out.
+    """
+    from scipy.optimize import minimize
+
+    n, G = Z.shape
+    Kp = 1 if n_classes == 2 else n_classes
+    w = np.full(n, 1.0 / n) if weights is None else weights
+    Y = np.zeros((n, n_classes))
+    Y[np.arange(n), y_idx] = 1.0
+
+    def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        W = theta[: Kp * G].reshape(Kp, G)
+        b = theta[Kp * G :]
+        S = (Z @ W.T.astype(np.float32)).astype(np.float64) + b
+        L = np.column_stack([np.zeros(n), S[:, 0]]) if Kp == 1 else S
+        m = L.max(axis=1, keepdims=True)
+        E = np.exp(L - m)
+        tot = E.sum(axis=1, keepdims=True)
+        lse = (m + np.log(tot)).ravel()
+        loss = float(w @ (lse - L[np.arange(n), y_idx])) + 0.5 * l2 * float(np.sum(W * W))
+        R = (E / tot - Y) * w[:, None]
+        if Kp == 1:
+            R = R[:, 1:]
+        gW = (R.T.astype(np.float32) @ Z).astype(np.float64) + l2 * W
+        return loss, np.concatenate([gW.ravel(), R.sum(axis=0)])
+
+    theta0 = np.zeros(Kp * G + Kp) if init is None else init
+    # sklearn's L-BFGS settings (linear_model._logistic / utils.optimize)
+    res = minimize(
+        fun,
+        theta0,
+        method="L-BFGS-B",
+        jac=True,
+        options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps},
+    )
+    W = res.x[: Kp * G].reshape(Kp, G)
+    return W, res.x[Kp * G :].copy(), int(res.nit)
+
+
+def _sklearn_objects(
+    W: np.ndarray, b: np.ndarray, classes: np.ndarray, C: float, n_iter: int, mean: np.ndarray,
+    var: np.ndarray, scale: np.ndarray, n: int, *, seed: int, max_iter: int, tol: float,
+) -> tuple[Any, Any]:
+    """Fitted LogisticRegression / StandardScaler objects carrying our parameters (celltypist layout)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)
+    clf.classes_ = classes
+    clf.coef_ = np.ascontiguousarray(W, dtype=np.float64)
+    clf.intercept_ = np.asarray(b, dtype=np.float64)
+    clf.n_iter_ = np.array([n_iter], dtype=np.int32)
+    clf.n_features_in_ = int(W.shape[1])
+    scaler = StandardScaler()
+    scaler.mean_ = mean
+    scaler.var_ = var
+    scaler.scale_ = scale
+    scaler.n_samples_seen_ = np.int64(n)
+    scaler.n_features_in_ = int(W.shape[1])
+    return clf, scaler
+
+
 def train_model(
     adata: AnnData,
     *,
@@ -170,12 +272,10 @@ def train_model(
     ``C`` defaults to ``1 / (reg_per_cell * n_cells)``, i.e. a fixed L2 penalty per cell: a model
     trained on 1k or 200k cells is shrunk equally, and the strong default (0.2) is what keeps
     weights small enough to transfer across platforms (measured in docs/celltyping.md).
-    The softmax temperature is fitted on a stratified, seeded held-out fraction, then the model is
-    refitted on all cells.
+    The softmax temperature is fitted on a stratified, seeded held-out fraction (the calibration
+    fit gives those cells weight 0), then the model is refitted on all cells starting from the
+    calibration fit's solution (same optimum, a fraction of the iterations).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
     if label_column not in adata.obs.columns:
         raise TrainingError(f"training set has no obs column {label_column!r} (columns: {list(adata.obs.columns)})")
     labels = adata.obs[label_column].astype(str).to_numpy()
@@ -185,43 +285,53 @@ def train_model(
     if adata.n_vars == 0:
         raise TrainingError("training set has no genes")
 
-    X = _dense32(adata.X)
+    X = _dense32(adata.X)  # the one working copy: standardised in place below
     if not np.isfinite(X).all():
         raise TrainingError("training matrix contains NaN or infinite values")
     genes = [str(g) for g in adata.var_names]
     y = labels
     n = len(y)
+    class_arr = np.unique(y)  # object array, as sklearn's LabelEncoder would store it
+    y_idx = np.searchsorted(class_arr, y)
+    K = len(class_arr)
+    mean, var, scale = _standardize_inplace(X)
+    Z = X
 
-    def make_clf(n_cells: int) -> Any:
+    def l2_for(n_cells: int) -> tuple[float, float]:
         c = C if C is not None else 1.0 / (reg_per_cell * n_cells)
-        return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)
+        return c, 1.0 / (c * n_cells)  # sklearn: l2_reg_strength = 1 / (C * sum of sample weights)
 
-    # calibration: fit on (1 - f), temperature on the held-out f
-    temperature, cal_n, cal_nll = 1.0, 0, None
+    # calibration: fit on (1 - f) (held-out rows weighted 0), temperature on the held-out f
+    temperature, cal_n, cal_nll, init = 1.0, 0, None, None
     held = _stratified_holdout(y, calibration_fraction, seed) if calibration_fraction > 0 else np.zeros(n, bool)
-    if held.any() and len(np.unique(y[~held])) == len(classes):
-        sc_cal = StandardScaler().fit(X[~held])
-        clf_cal = make_clf(int((~held).sum())).fit(sc_cal.transform(X[~held]), y[~held])
-        logits = class_logits(clf_cal, sc_cal.transform(X[held]))
-        y_idx = np.searchsorted(clf_cal.classes_, y[held])
-        temperature = fit_temperature(logits, y_idx)
+    if held.any() and len(np.unique(y[~held])) == K:
+        n_fit = int((~held).sum())
+        w = np.where(held, 0.0, 1.0 / n_fit)
+        Wc, bc, _ = _fit_multinomial(Z, y_idx, K, l2_for(n_fit)[1], weights=w, max_iter=max_iter, tol=tol)
+        S = Z[held] @ Wc.T.astype(np.float32) + bc
+        logits = np.column_stack([np.zeros(len(S)), S[:, 0]]) if K == 2 else S.astype(np.float64)
+        temperature = fit_temperature(logits, y_idx[held])
         cal_n = int(held.sum())
         P = _softmax(logits / temperature)
-        cal_nll = float(-np.log(np.clip(P[np.arange(cal_n), y_idx], 1e-12, None)).mean())
+        cal_nll = float(-np.log(np.clip(P[np.arange(cal_n), y_idx[held]], 1e-12, None)).mean())
+        init = np.concatenate([Wc.ravel(), bc])
 
-    scaler = StandardScaler().fit(X)
-    Z = scaler.transform(X).astype(np.float32, copy=False)
-    clf = make_clf(n).fit(Z, y)
+    c_final, l2 = l2_for(n)
+    W, b, n_iter = _fit_multinomial(Z, y_idx, K, l2, weights=None, max_iter=max_iter, tol=tol, init=init)
+    clf, scaler = _sklearn_objects(
+        W, b, class_arr, c_final, n_iter, mean, var, scale, n, seed=seed, max_iter=max_iter, tol=tol
+    )
     clf.features = np.asarray(genes, dtype=object)
-    idx = np.searchsorted(clf.classes_, y)
-    K = len(clf.classes_)
-    counts = np.bincount(idx, minlength=K).astype(np.float64)
+    counts = np.bincount(y_idx, minlength=K).astype(np.float64)
     means = np.zeros((K, Z.shape[1]), dtype=np.float64)
-    np.add.at(means, idx, Z)
-    means /= counts[:, None]
-    sq = np.zeros_like(means)
-    np.add.at(sq, idx, Z.astype(np.float64) ** 2)
-    variances = np.maximum(sq / counts[:, None] - means**2, 0.0)
+    variances = np.zeros_like(means)
+    order = np.argsort(y_idx, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
+    for k in range(K):
+        Zk = Z[order[bounds[k] : bounds[k + 1]]]
+        means[k] = Zk.mean(axis=0, dtype=np.float64)
+        variances[k] = np.square(Zk - means[k]).mean(axis=0)
+    del Z, X
     clf.class_means_ = means.astype(np.float32)
     clf.class_vars_ = variances.astype(np.float32)
     clf.class_counts_ = counts.astype(np.int64)
@@ -250,14 +360,14 @@ def train_model(
         "references": _jsonable(adata.uns.get("references", [])),
         "parameters": {
             "label_column": label_column,
-            "solver": "lbfgs (multinomial)",
+            "solver": "lbfgs (multinomial, sklearn objective; scipy L-BFGS-B on float32 standardised data)",
             "C": float(clf.C),
             "reg_per_cell": reg_per_cell if C is None else None,
             "max_iter": max_iter,
             "tol": tol,
             "scaler": "StandardScaler(with_mean=True)",
             "seed": seed,
-            "n_iter": int(np.max(clf.n_iter_)),
+            "n_iter": int(n_iter),
         },
         "calibration": {
             "method": "temperature-scaled softmax, NLL-fitted on held-out reference cells",

@@ -125,3 +125,24 @@ def test_auto_costs_little_without_a_platform_shift():
     assert acc["auto"] > acc["none"] - 0.03
     info = out.uns[schema.CELLTYPING_UNS]
     assert (info["alignment"] == "recenter") == (info["loglik_recenter"] > info["loglik_none"])
+
+
+def test_streamed_gene_subset_equals_annotating_the_exact_panel():
+    """Extra, permuted query genes are cut per batch: same calls and scores as the exact panel."""
+    ref, q = _pair(k=3, seed=9, efficiency_sd=0.5)
+    model = train_model(ref)
+    rng = np.random.default_rng(1)
+    extra = sp.csr_matrix(rng.poisson(2.0, size=(q.n_obs, 7)).astype(np.float32))
+    wide = AnnData(
+        X=sp.hstack([extra, q.X], format="csr"),
+        obs=q.obs.copy(),
+        var=pd.DataFrame(index=[f"X{i}" for i in range(7)] + list(q.var_names)),
+    )
+    perm = rng.permutation(wide.n_vars)
+    wide = wide[:, perm].copy()
+    a = annotate(q, model, batch_size=333)
+    b = annotate(wide, model, batch_size=500)
+    np.testing.assert_array_equal(a.obs[schema.PREDICTED].to_numpy(), b.obs[schema.PREDICTED].to_numpy())
+    np.testing.assert_allclose(a.obsm[schema.DECISION_SCORES_OBSM], b.obsm[schema.DECISION_SCORES_OBSM], rtol=1e-4, atol=1e-4)
+    # the library size is over the model genes only, so the extra genes change nothing
+    assert b.uns[schema.CELLTYPING_UNS]["normalization"]["method"] == "from_raw_counts"

@@ -304,3 +304,16 @@ def test_reference_fingerprint(tmp_path: Path) -> None:
     assert fp["sha256"] == hashlib.sha256(raw).hexdigest()
     assert fp["size"] == len(raw)
     assert fp["etag"]
+
+
+def test_vstack_csr_matches_scipy_and_consumes_its_input() -> None:
+    from spatial_assets.references import vstack_csr
+
+    rng = np.random.default_rng(0)
+    blocks = [sp.random(n, 13, density=0.3, format="csr", dtype=np.float32, random_state=i) for i, n in enumerate((5, 0, 17, 1))]
+    expected = sp.vstack(blocks, format="csr").toarray()
+    parts = list(blocks)
+    out = vstack_csr(parts)
+    assert parts == [] and out.shape == (23, 13) and out.dtype == np.float32
+    np.testing.assert_array_equal(out.toarray(), expected)
+    del rng
