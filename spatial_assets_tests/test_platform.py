@@ -14,6 +14,7 @@ from pathlib import Path
 import anndata as ad
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
 
 from spatial_assets.audit import run_audit
@@ -162,6 +163,26 @@ def test_full_graph_on_s3(platform):
         assert ((annotated.obs["cell_type"] == "Unassigned") == (conf < 0.5)).all()
 
 
+def test_domains_as_partitioned_assets(platform):
+    platform.materialize(["domain_model"])
+    record = json.loads(platform.store.read_bytes("assets/domain_model.json"))
+    assert record["fitted_on"] == SAMPLES and record["n_domains"] == 4
+    for sid in SAMPLES:
+        result = platform.materialize(["spatial_domains", "domain_composition", "domain_markers"], sid)
+        (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "domain_invariants"]
+        assert check.passed, check.metadata
+        domains = ad.read_h5ad(platform.store.get_file(f"assets/spatial_domains/{sid}.h5ad"))
+        assert domains.uns["domain_model_sha256"] == record["sha256"]
+        assert set(domains.obs["domain"].astype(str)) <= {f"L4_D{i}" for i in range(4)}
+        assert "domain_cell_type" in domains.obs
+        composition = pd.read_parquet(platform.store.get_file(f"assets/domain_composition/{sid}.parquet"))
+        sums = composition.groupby(["sample_id", "domain"])["fraction"].sum()
+        assert np.allclose(sums.to_numpy(), 1.0)
+        assert composition["n_cells"].sum() == domains.n_obs
+        assert platform.store.exists(f"assets/domain_markers/{sid}.parquet")
+        assert any(k.startswith(f"assets/spatial_domains/{sid}.plots/") for k in (o.key for o in platform.store.list("assets/spatial_domains/")))
+
+
 def test_audit_shows_chain(platform):
     buf = io.StringIO()
     with redirect_stdout(buf):
@@ -198,9 +219,22 @@ def test_new_sample_runs_only_its_partitions(platform):
     requested = platform.evaluate()
     assert requested.get("cell_type_annotations") == {"poa_c"}
     assert "training_set" not in requested and "celltype_model" not in requested
+    assert requested.get("spatial_domains") == {"poa_c"}
+    assert "domain_model" not in requested  # the shared model is reused, not refitted
+    domains_before = _materialized_partitions(platform.instance, "spatial_domains")
     platform.materialize(["cell_type_annotations"], "poa_c")
+    platform.materialize(["spatial_domains"], "poa_c")
     after = _materialized_partitions(platform.instance, "cell_type_annotations")
     assert {k: v for k, v in after.items() if k != "poa_c"} == before
+    domains_after = _materialized_partitions(platform.instance, "spatial_domains")
+    assert {k: v for k, v in domains_after.items() if k != "poa_c"} == domains_before
+    # same model → the new sample's cells get the domains the same cells got in their own slice
+    new = ad.read_h5ad(platform.store.get_file("assets/spatial_domains/poa_c.h5ad"))
+    old = ad.read_h5ad(platform.store.get_file("assets/spatial_domains/poa_b.h5ad"))
+    assert new.uns["domain_model_sha256"] == old.uns["domain_model_sha256"]
+    agreement = float((new.obs["domain"].astype(str) == old.obs.loc[new.obs_names, "domain"].astype(str)).mean())
+    print(f"domain agreement of re-landed cells: {agreement:.3f}")
+    assert agreement >= 0.7
 
 
 def test_reference_update_reruns_model_and_all_annotations(platform):
@@ -208,6 +242,11 @@ def test_reference_update_reruns_model_and_all_annotations(platform):
     platform.write_reference(ref[ref.obs["cell_type"] != "Fibroblast"].copy(), platform.tmp)
     result = platform.tick("reference_manifest_sensor", cursor=json.dumps({}))
     assert [r.partition_key for r in result.run_requests] == ["poa"]
+    # the nightly schedule catches the same change (an edit made outside the platform)
+    schedule = platform.defs.get_schedule_def("nightly_reference_reobservation")
+    with dg.build_schedule_context(instance=platform.instance, resources=platform.resources) as ctx:
+        nightly = schedule(ctx)
+    assert [r.partition_key for r in nightly] == ["poa"]
     old_card = json.loads(platform.store.read_bytes("assets/celltype_model.pkl.card.json"))
     platform.evaluate()
     platform.materialize(["reference_atlas"], "poa")

@@ -7,6 +7,13 @@ from typing import Callable
 
 import dagster as dg
 
+from spatial_assets.defs.resources import IO_PREFIX
+
+
+def plots_prefix(asset: str, partition: str) -> str:
+    """Plots live beside the object they describe: ``assets/<asset>/<partition>.plots/``."""
+    return f"{IO_PREFIX}/{asset}/{partition}.plots"
+
 
 def attach_plots(store, key_prefix: str, make: Callable[[Path], dict], log) -> dict:
     """Run ``make(out_dir) -> {name: png_path}``, upload each PNG and return metadata entries.

@@ -14,7 +14,7 @@ import pandas as pd
 from spatial_assets import schema
 from spatial_assets.defs.automation import downstream_of_checked, on_upstream_change
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots
+from spatial_assets.defs.plots import attach_plots, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.lineage import library_versions
@@ -132,7 +132,7 @@ def cell_type_annotations(
     metadata.update(
         attach_plots(
             storage.get_store(),
-            f"cell_type_annotations/{context.partition_key}.plots",
+            plots_prefix("cell_type_annotations", context.partition_key),
             lambda out_dir: _celltyping_plots(annotated, out_dir, settings),
             context.log,
         )

@@ -9,7 +9,7 @@ import pandas as pd
 
 from spatial_assets.defs.automation import on_upstream_change
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots
+from spatial_assets.defs.plots import attach_plots, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.domains.platform import annotate_domains_with_signatures, fit_domain_model, pack_model, unpack_model
@@ -104,7 +104,7 @@ def spatial_domains(
         ),
     }
     metadata.update(
-        attach_plots(store, f"spatial_domains/{context.partition_key}.plots", lambda d: _domain_plots(annotated, assignment, d), context.log)
+        attach_plots(store, plots_prefix("spatial_domains", context.partition_key), lambda d: _domain_plots(annotated, assignment, d), context.log)
     )
     context.add_output_metadata(metadata)
     return annotated
@@ -145,7 +145,7 @@ def domain_composition(
 
         return {"proportions": plots.plot_domain_proportions(table, out_dir / "proportions.png")}
 
-    meta.update(attach_plots(storage.get_store(), f"domain_composition/{context.partition_key}.plots", _plot, context.log))
+    meta.update(attach_plots(storage.get_store(), plots_prefix("domain_composition", context.partition_key), _plot, context.log))
     context.add_output_metadata(meta)
     return table
 
