@@ -61,6 +61,22 @@ def _write_h5ad_atomic(adata: object, dest: str) -> None:
             os.unlink(tmp)
 
 
+def _write_table_atomic(table: Any, dest: str) -> None:
+    """CSV beside the annotated output (the ontology mapping table a user reviews)."""
+    from spatial_assets.objectstore import put_local_or_s3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "table.csv"
+        table.to_csv(local, index=False)
+        put_local_or_s3(local, dest)
+
+
+def mapping_table_path(out: str) -> str:
+    """``x/annotated.h5ad`` → ``x/annotated.label_mapping.csv`` (works for s3:// URIs too)."""
+    stem = out[: -len(".h5ad")] if out.endswith(".h5ad") else out
+    return f"{stem}.label_mapping.csv"
+
+
 def _summary(adata: object) -> str:
     from spatial_assets import schema
 
@@ -107,12 +123,13 @@ def cmd_celltype(args: argparse.Namespace) -> int:
 
         save_model(result.model, args.model_out)
     _write_h5ad_atomic(out, args.out)
+    _write_table_atomic(result.mapping_table, mapping_table_path(args.out))
     if args.plots:
         from spatial_assets.plots import write_celltyping_plots
 
         write_celltyping_plots(out, args.plots, confidence_threshold=args.confidence_threshold, mapping_table=result.mapping_table)
     print(_summary(out))
-    print(f"alignment: {out.uns['celltyping'].get('alignment')}; written: {args.out}")
+    print(f"alignment: {out.uns['celltyping'].get('alignment')}; written: {args.out}, {mapping_table_path(args.out)}")
     return EXIT_OK
 
 
