@@ -7,7 +7,6 @@ registered samples, and the provenance chain written into every annotations obje
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 

@@ -193,7 +193,7 @@ def test_combine_same_name_placeholders_min_cells_and_ontology(tmp_path: Path) -
     labels_b = ["T cell"] * 20 + ["NK cell"] * 20 + ["doublet"] * 5 + ["N/A"] * 3
     ont_a = ["CL:0000084"] * 30 + ["CL:0000236"] * 25 + ["unknown"] * 12 + ["CL:0000084"] * 15 + ["CL:0000000"] * 4
     a = make_ref(tmp_path / "a" / "ref.h5ad", labels_a, extra_obs={CELL_TYPE_ONTOLOGY_ID: ont_a}, seed=1)
-    b = make_ref(tmp_path / "b" / "ref.h5ad", labels_b, genes=[f"G{j}" for j in range(10, 60)], seed=2, prefix="other")
+    make_ref(tmp_path / "b" / "ref.h5ad", labels_b, genes=[f"G{j}" for j in range(10, 60)], seed=2, prefix="other")
     panel = [f"G{j}" for j in range(60, 0, -1)]  # reversed order, G60 absent everywhere
     out = combine_references(
         [ReferenceSpec(str(tmp_path / "a" / "ref.h5ad"), "label"), ReferenceSpec(str(tmp_path / "b" / "ref.h5ad"), "label")],

@@ -15,6 +15,13 @@ def plots_prefix(asset: str, partition: str) -> str:
     return f"{IO_PREFIX}/{asset}/{partition}.plots"
 
 
+def md_table(headers: list[str], rows) -> dg.MetadataValue:
+    """A small markdown table for the UI's metadata panel."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
 def attach_plots(store, key_prefix: str, make: Callable[[Path], dict], log) -> dict:
     """Run ``make(out_dir) -> {name: png_path}``, upload each PNG and return metadata entries.
 

@@ -4,7 +4,6 @@ Thin wrappers: each asset gathers its inputs, calls the science in ``spatial_ass
 records what a user needs to audit the result (hashes, parameters, versions, counts, plots).
 """
 
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -14,7 +13,7 @@ import pandas as pd
 from spatial_assets import schema
 from spatial_assets.defs.automation import downstream_of_checked, on_upstream_change
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots, plots_prefix
+from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.lineage import library_versions
@@ -59,9 +58,7 @@ def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, stora
             "n_classes": int(counts.size),
             "panel_source": panel_source,
             "references": dg.MetadataValue.json(tset.uns["lineage_references"]),
-            "class_counts": dg.MetadataValue.md(
-                "| class | cells |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in counts.items())
-            ),
+            "class_counts": md_table(["class", "cells"], counts.items()),
             "parameters": dg.MetadataValue.json(tset.uns["training_parameters"]),
             "library_versions": library_versions(),
         },
@@ -124,10 +121,7 @@ def cell_type_annotations(
         "confidence_threshold": settings.confidence_threshold,
         "model_sha256": annotated.uns[schema.PROVENANCE_UNS]["model"]["sha256"],
         "provenance": dg.MetadataValue.json(annotated.uns[schema.PROVENANCE_UNS]),
-        "cells_per_type": dg.MetadataValue.md(
-            "| cell type | cells |\n|---|---|\n"
-            + "\n".join(f"| {k} | {v} |" for k, v in obs[schema.CELL_TYPE].value_counts().items())
-        ),
+        "cells_per_type": md_table(["cell type", "cells"], obs[schema.CELL_TYPE].value_counts().items()),
     }
     metadata.update(
         attach_plots(

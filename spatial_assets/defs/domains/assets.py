@@ -9,7 +9,7 @@ import pandas as pd
 
 from spatial_assets.defs.automation import on_upstream_change
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots, plots_prefix
+from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.domains.platform import annotate_domains_with_signatures, fit_domain_model, pack_model, unpack_model
@@ -98,10 +98,7 @@ def spatial_domains(
         "n_cells": annotated.n_obs,
         "engine": domain_model["engine"],
         "domain_model_sha256": domain_model["sha256"],
-        "domains": dg.MetadataValue.md(
-            "| domain | cells | domain-level call |\n|---|---|---|\n"
-            + "\n".join(f"| {d} | {n} | {calls.get(d, '')} |" for d, n in counts.items())
-        ),
+        "domains": md_table(["domain", "cells", "domain-level call"], ((d, n, calls.get(d, "")) for d, n in counts.items())),
     }
     metadata.update(
         attach_plots(store, plots_prefix("spatial_domains", context.partition_key), lambda d: _domain_plots(annotated, assignment, d), context.log)

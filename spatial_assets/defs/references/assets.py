@@ -3,6 +3,7 @@
 import dagster as dg
 
 from spatial_assets.defs.partitions import references_partitions
+from spatial_assets.defs.plots import md_table
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.lineage import library_versions
@@ -36,9 +37,7 @@ def reference_atlas(context: dg.AssetExecutionContext, storage: StorageResource,
             "label_column": record["label_column"],
             "n_labels": len(labels),
             "normalization": record["normalization"]["x_state"],
-            "label_counts": dg.MetadataValue.md(
-                "| label | cells |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in labels.items())
-            ),
+            "label_counts": md_table(["label", "cells"], labels.items()),
             "library_versions": library_versions(),
         }
     )
