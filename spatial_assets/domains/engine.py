@@ -116,6 +116,18 @@ def validate_sample_key(adata: AnnData, sample_key: str | None, name: str = "inp
         raise DomainInputError(f"{name}: obs column {sample_key!r} has missing values")
 
 
+def fit_inputs(
+    adatas: AnnData | Sequence[AnnData], levels: Sequence[int] | None, n_domains: int, *, who: str = "fit"
+) -> tuple[list[AnnData], list[int], list[str]]:
+    """The checks every engine's ``fit`` starts with: inputs as a list, levels, a name per input."""
+    if isinstance(adatas, AnnData):
+        adatas = [adatas]
+    adatas = list(adatas)
+    if not adatas:
+        raise DomainInputError(f"{who} needs at least one AnnData")
+    return adatas, normalize_levels(levels, n_domains), [sample_label(a, i) for i, a in enumerate(adatas)]
+
+
 @runtime_checkable
 class DomainModel(Protocol):
     """A fitted domain model; applying it to a new sample never changes earlier samples' ids."""
@@ -207,14 +219,8 @@ def run_domains(
     Each input is one sample; ``batch_key`` names an obs column that splits inputs further into samples
     (no spatial edges across them). Ids are shared across all outputs because the model is shared.
     """
-    if isinstance(adatas, AnnData):
-        adatas = [adatas]
-    adatas = list(adatas)
-    if not adatas:
-        raise DomainInputError("run_domains needs at least one AnnData")
-    lv = normalize_levels(levels, n_domains)
-    for i, a in enumerate(adatas):
-        name = sample_label(a, i)
+    adatas, lv, names = fit_inputs(adatas, levels, n_domains, who="run_domains")
+    for a, name in zip(adatas, names):
         validate_spatial(a, name)
         validate_sample_key(a, batch_key, name)
     n_total = sum(a.n_obs for a in adatas)
@@ -237,6 +243,7 @@ __all__ = [
     "MODEL_JSON",
     "domain_categorical",
     "domain_id",
+    "fit_inputs",
     "get_engine",
     "level_key",
     "load_model",

@@ -42,8 +42,8 @@ from spatial_assets.domains.engine import (
     MODEL_JSON,
     DomainInputError,
     domain_categorical,
+    fit_inputs,
     level_key,
-    normalize_levels,
     sample_label,
     validate_sample_key,
     validate_spatial,
@@ -396,14 +396,8 @@ class NeighborhoodDomainEngine:
         seed: int = 0,
         sample_key: str | None = None,
     ) -> NeighborhoodDomainModel:
-        if isinstance(adatas, AnnData):
-            adatas = [adatas]
-        adatas = list(adatas)
-        if not adatas:
-            raise DomainInputError("fit needs at least one AnnData")
-        lv = normalize_levels(levels, n_domains)
+        adatas, lv, names = fit_inputs(adatas, levels, n_domains)
         p = self.params
-        names = [sample_label(a, i) for i, a in enumerate(adatas)]
         for a, nm in zip(adatas, names):
             validate_spatial(a, nm)
             validate_sample_key(a, sample_key, nm)

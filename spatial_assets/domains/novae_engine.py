@@ -55,8 +55,8 @@ from spatial_assets.domains.engine import (  # noqa: E402
     MODEL_JSON,
     DomainInputError,
     domain_categorical,
+    fit_inputs,
     level_key,
-    normalize_levels,
     sample_label,
     validate_sample_key,
     validate_spatial,
@@ -880,13 +880,7 @@ class NovaeDomainEngine:
         sample_key: str | None = None,
     ) -> NovaeDomainModel:
         """Fit on all samples together (one model; Novae z-scores per slide), freeze the domain tables."""
-        if isinstance(adatas, AnnData):
-            adatas = [adatas]
-        adatas = list(adatas)
-        if not adatas:
-            raise DomainInputError("novae fit needs at least one AnnData")
-        lv = normalize_levels(levels, n_domains)
-        names = [sample_label(a, i) for i, a in enumerate(adatas)]
+        adatas, lv, names = fit_inputs(adatas, levels, n_domains, who="novae fit")
         novae = _novae()
         self._seed = int(seed)
         t0 = time.perf_counter()
