@@ -174,3 +174,55 @@ def write_celltyping_data(out_dir: str | os.PathLike[str], **kwargs: object) -> 
     spatial_path = out / "synthetic_spatial.h5ad"
     data.spatial.write_h5ad(spatial_path)
     return {"references": ref_paths, "spatial": str(spatial_path), "label_map": data.label_map}
+
+
+def platform_split(
+    adata: AnnData,
+    label_column: str,
+    *,
+    query_fraction: float = 0.5,
+    efficiency_sd: float = 0.5,
+    depth: float = 0.5,
+    seed: int = 0,
+) -> tuple[AnnData, AnnData]:
+    """Split a labelled raw-count dataset into a log1p-10k reference and a raw-count query with a
+    simulated platform effect, so a second real case exists for transfer measurements.
+
+    Why: only one real reference/spatial pair is bundled. The query's counts are binomially thinned
+    with a per-gene detection efficiency ``depth * lognormal(0, efficiency_sd)`` (clipped to 1):
+    lower depth plus a per-gene shift, the two effects seen between scRNA-seq and imaging panels.
+    Cells with a missing label are dropped. The reference obs column is ``cell_type``; the query
+    keeps the truth in ``label_column``.
+    """
+    if label_column not in adata.obs.columns:
+        raise ValueError(f"platform_split: no obs column {label_column!r}")
+    if not 0.0 < query_fraction < 1.0:
+        raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
+    labelled = adata.obs[label_column].notna().to_numpy()
+    X = sp.csr_matrix(adata.X, dtype=np.float32)[labelled]
+    labels = adata.obs[label_column].astype(str).to_numpy()[labelled]
+    names = adata.obs_names[labelled]
+    if X.nnz and not np.allclose(X.data, np.round(X.data)):
+        raise ValueError("platform_split: X must hold raw integer counts")
+    rng = np.random.default_rng(seed)
+    is_q = rng.random(X.shape[0]) < query_fraction
+    genes = pd.Index(adata.var_names.astype(str))
+
+    R = X[~is_q].copy()
+    tot = np.asarray(R.sum(axis=1)).ravel()
+    R = sp.csr_matrix(sp.diags((1e4 / np.maximum(tot, 1)).astype(np.float32)) @ R)
+    R.data = np.log1p(R.data)
+    ref = AnnData(
+        X=R.astype(np.float32),
+        obs=pd.DataFrame({"cell_type": pd.Categorical(labels[~is_q])}, index=names[~is_q]),
+        var=pd.DataFrame(index=genes),
+    )
+    eff = np.clip(depth * np.exp(rng.normal(0.0, efficiency_sd, size=X.shape[1])), 0.0, 1.0)
+    Q = X[is_q].copy()
+    Q.data = rng.binomial(Q.data.astype(np.int64), eff[Q.indices]).astype(np.float32)
+    Q.eliminate_zeros()
+    query = AnnData(
+        X=Q, obs=pd.DataFrame({label_column: pd.Categorical(labels[is_q])}, index=names[is_q]), var=pd.DataFrame(index=genes)
+    )
+    query.obsm["spatial"] = rng.uniform(0, 1000, size=(query.n_obs, 2)).astype(np.float32)
+    return ref, query

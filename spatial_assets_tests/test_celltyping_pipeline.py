@@ -162,3 +162,20 @@ def test_bad_spatial_inputs(tmp_path):
     text.obsm["spatial"] = np.array([["a", "b"]] * text.n_obs, dtype=object)
     with pytest.raises(ValueError, match=r"sample.h5ad.*non-numeric"):
         validate_spatial(text, "sample.h5ad")
+
+
+def test_platform_split_thins_the_query_and_is_seeded():
+    """PBMC3k second case: labelled cells only, query depth ≈ depth * E[lognormal] of the original."""
+    from spatial_assets.synthetic import platform_split
+
+    pbmc = ad.read_h5ad(DATA / "human_PBMC3k_400genes_seurat_labels.h5ad")
+    ref, q = platform_split(pbmc, "seurat_annotations", seed=0)
+    ref2, q2 = platform_split(pbmc, "seurat_annotations", seed=0)
+    assert ref.n_obs + q.n_obs == int(pbmc.obs["seurat_annotations"].notna().sum()) == 2638
+    assert list(q.obs_names) == list(q2.obs_names) and (q.X != q2.X).nnz == 0
+    orig = np.asarray(pbmc[q.obs_names].X.sum(axis=1)).ravel()
+    ratio = np.asarray(q.X.sum(axis=1)).ravel().sum() / orig.sum()
+    assert 0.40 < ratio < 0.5 * np.exp(0.5**2 / 2) + 0.01  # E[0.5 * lognormal(0, 0.5)], clipped at 1
+    np.testing.assert_allclose(np.expm1(ref.X.toarray()).sum(axis=1), 1e4, rtol=1e-3)
+    with pytest.raises(ValueError, match="no obs column 'nope'"):
+        platform_split(pbmc, "nope")
