@@ -26,6 +26,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,8 @@ from spatial_assets import schema
 from spatial_assets.objectstore import sha256_file
 
 MODEL_FORMAT = "spatial_assets.celltypist-lr/1"
+#: L2 penalty per cell of the averaged members (geometric, an order of magnitude around 0.14)
+DEFAULT_REG_PATH: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 _PICKLE_PROTOCOL = 4
 # variance floor (in scaled units) for the class-conditional Gaussians used to score alignments:
 # sparse references often have genes never detected in a class (variance 0).
@@ -263,18 +266,22 @@ def train_model(
     seed: int = 0,
     max_iter: int = 1000,
     C: float | None = None,
-    reg_per_cell: float = 0.2,
+    reg_per_cell: float | Sequence[float] | None = None,
     calibration_fraction: float = 0.2,
     tol: float = 1e-4,
 ) -> TrainedModel:
     """Fit StandardScaler + multinomial L-BFGS logistic regression on a log1p-10k training set.
 
     ``C`` defaults to ``1 / (reg_per_cell * n_cells)``, i.e. a fixed L2 penalty per cell: a model
-    trained on 1k or 200k cells is shrunk equally, and the strong default (0.2) is what keeps
-    weights small enough to transfer across platforms (measured in docs/celltyping.md).
-    The softmax temperature is fitted on a stratified, seeded held-out fraction (the calibration
-    fit gives those cells weight 0), then the model is refitted on all cells starting from the
-    calibration fit's solution (same optimum, a fraction of the iterations).
+    trained on 1k or 200k cells is shrunk equally. How much shrinkage transfers best across
+    platforms is not knowable from the reference alone (cross-validation on the reference always
+    prefers the weakest), so by default the model averages a regularization path,
+    ``reg_per_cell`` = :data:`DEFAULT_REG_PATH` (an order of magnitude around 0.14): each member's
+    logits are divided by its own held-out temperature and the calibrated logits are averaged,
+    which is again one linear model (weights = mean of W/T). Measured in docs/celltyping.md.
+    A single number gives a single model, as before.
+    Each temperature is fitted on a stratified, seeded held-out fraction (the calibration fit gives
+    those cells weight 0), then the member is refitted on all cells starting from that solution.
     """
     if label_column not in adata.obs.columns:
         raise TrainingError(f"training set has no obs column {label_column!r} (columns: {list(adata.obs.columns)})")
@@ -297,27 +304,52 @@ def train_model(
     mean, var, scale = _standardize_inplace(X)
     Z = X
 
-    def l2_for(n_cells: int) -> tuple[float, float]:
-        c = C if C is not None else 1.0 / (reg_per_cell * n_cells)
+    path = (reg_per_cell,) if isinstance(reg_per_cell, (int, float)) else tuple(reg_per_cell or DEFAULT_REG_PATH)
+    if C is not None:
+        path = (None,)
+    elif not path or any(not (r > 0) for r in path):
+        raise TrainingError(f"reg_per_cell must be positive, got {reg_per_cell!r}")
+
+    def l2_for(reg: float | None, n_cells: int) -> tuple[float, float]:
+        c = C if reg is None else 1.0 / (reg * n_cells)
         return c, 1.0 / (c * n_cells)  # sklearn: l2_reg_strength = 1 / (C * sum of sample weights)
 
-    # calibration: fit on (1 - f) (held-out rows weighted 0), temperature on the held-out f
-    temperature, cal_n, cal_nll, init = 1.0, 0, None, None
-    held = _stratified_holdout(y, calibration_fraction, seed) if calibration_fraction > 0 else np.zeros(n, bool)
-    if held.any() and len(np.unique(y[~held])) == K:
-        n_fit = int((~held).sum())
-        w = np.where(held, 0.0, 1.0 / n_fit)
-        Wc, bc, _ = _fit_multinomial(Z, y_idx, K, l2_for(n_fit)[1], weights=w, max_iter=max_iter, tol=tol)
-        S = Z[held] @ Wc.T.astype(np.float32) + bc
-        logits = np.column_stack([np.zeros(len(S)), S[:, 0]]) if K == 2 else S.astype(np.float64)
-        temperature = fit_temperature(logits, y_idx[held])
-        cal_n = int(held.sum())
-        P = _softmax(logits / temperature)
-        cal_nll = float(-np.log(np.clip(P[np.arange(cal_n), y_idx[held]], 1e-12, None)).mean())
-        init = np.concatenate([Wc.ravel(), bc])
+    def logits_of(W: np.ndarray, b: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        S = Z[rows] @ W.T.astype(np.float32) + b
+        return np.column_stack([np.zeros(len(S)), S[:, 0]]) if K == 2 else S.astype(np.float64)
 
-    c_final, l2 = l2_for(n)
-    W, b, n_iter = _fit_multinomial(Z, y_idx, K, l2, weights=None, max_iter=max_iter, tol=tol, init=init)
+    held = _stratified_holdout(y, calibration_fraction, seed) if calibration_fraction > 0 else np.zeros(n, bool)
+    calibrate = bool(held.any() and len(np.unique(y[~held])) == K)
+    members, cal_logits, init_cal, init_full, n_iter = [], [], None, None, 0
+    W_sum, b_sum = 0.0, 0.0
+    # strongest shrinkage first: each fit warm-starts the next, weaker one
+    for reg in sorted(path, key=lambda r: -(r or 0.0)):
+        temperature, init = 1.0, init_full
+        if calibrate:
+            n_fit = int((~held).sum())
+            w = np.where(held, 0.0, 1.0 / n_fit)
+            Wc, bc, _ = _fit_multinomial(Z, y_idx, K, l2_for(reg, n_fit)[1], weights=w, max_iter=max_iter, tol=tol, init=init_cal)
+            init_cal = np.concatenate([Wc.ravel(), bc])
+            held_logits = logits_of(Wc, bc, held)
+            temperature = fit_temperature(held_logits, y_idx[held])
+            cal_logits.append(held_logits)
+            init = init_cal
+        Wr, br, it = _fit_multinomial(Z, y_idx, K, l2_for(reg, n)[1], weights=None, max_iter=max_iter, tol=tol, init=init)
+        init_full = np.concatenate([Wr.ravel(), br])
+        members.append({"reg_per_cell": reg, "temperature": temperature, "n_iter": it})
+        W_sum, b_sum = W_sum + Wr, b_sum + br
+        n_iter += it
+    W, b = W_sum / len(members), b_sum / len(members)
+    # the average of calibrated logits gets its own temperature (averaging sharpens or flattens)
+    temperature, cal_n, cal_nll = 1.0, 0, None
+    if calibrate:
+        avg = np.mean(cal_logits, axis=0)
+        temperature = fit_temperature(avg, y_idx[held])
+        cal_n = int(held.sum())
+        P = _softmax(avg / temperature)
+        cal_nll = float(-np.log(np.clip(P[np.arange(cal_n), y_idx[held]], 1e-12, None)).mean())
+    regs = [m["reg_per_cell"] for m in members if m["reg_per_cell"] is not None]
+    c_final = C if C is not None else 1.0 / (float(np.exp(np.mean(np.log(regs)))) * n)
     clf, scaler = _sklearn_objects(
         W, b, class_arr, c_final, n_iter, mean, var, scale, n, seed=seed, max_iter=max_iter, tol=tol
     )
@@ -362,7 +394,8 @@ def train_model(
             "label_column": label_column,
             "solver": "lbfgs (multinomial, sklearn objective; scipy L-BFGS-B on float32 standardised data)",
             "C": float(clf.C),
-            "reg_per_cell": reg_per_cell if C is None else None,
+            "reg_per_cell": [m["reg_per_cell"] for m in members] if C is None else None,
+            "regularization_path": _jsonable(members),
             "max_iter": max_iter,
             "tol": tol,
             "scaler": "StandardScaler(with_mean=True)",
@@ -370,7 +403,8 @@ def train_model(
             "n_iter": int(n_iter),
         },
         "calibration": {
-            "method": "temperature-scaled softmax, NLL-fitted on held-out reference cells",
+            "method": "temperature-scaled softmax, NLL-fitted on held-out reference cells"
+            + (" (average of the path members' calibrated logits, then one temperature)" if len(members) > 1 else ""),
             "temperature": temperature,
             "held_out_fraction": calibration_fraction,
             "n_held_out": cal_n,

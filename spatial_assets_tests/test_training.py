@@ -109,3 +109,24 @@ def test_strong_default_regularisation_is_per_cell():
     large = train_model(_training_set(n_per=200))
     # C = 1 / (reg_per_cell * n): 4x the cells -> 1/4 the C
     assert small.card["parameters"]["C"] / large.card["parameters"]["C"] == pytest.approx(4.0)
+
+
+def test_default_model_averages_the_regularisation_path():
+    from spatial_assets.training import DEFAULT_REG_PATH
+
+    data = _training_set()
+    averaged = train_model(data)
+    members = [train_model(data, reg_per_cell=r) for r in DEFAULT_REG_PATH]
+    path = averaged.card["parameters"]["regularization_path"]
+    assert [m["reg_per_cell"] for m in path] == sorted(DEFAULT_REG_PATH, reverse=True)
+    # one linear model whose weights are the members' mean (members fitted as single models agree
+    # with the warm-started path members to optimiser tolerance)
+    mean_w = np.mean([m.classifier.coef_ for m in members], axis=0)
+    assert np.allclose(averaged.classifier.coef_, mean_w, atol=2e-3 * np.abs(mean_w).max())
+    # and it sits between the strongest and the weakest member in size
+    norms = [np.linalg.norm(m.classifier.coef_) for m in members]
+    assert min(norms) < np.linalg.norm(averaged.classifier.coef_) < max(norms)
+    single = train_model(data, reg_per_cell=0.2)
+    assert len(single.card["parameters"]["regularization_path"]) == 1
+    with pytest.raises(TrainingError, match="positive"):
+        train_model(data, reg_per_cell=[0.1, 0.0])

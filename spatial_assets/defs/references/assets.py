@@ -13,7 +13,7 @@ from spatial_assets.registry import describe_reference, entry_fingerprint, find_
 @dg.asset(
     partitions_def=references_partitions,
     group_name="references",
-    kinds={"anndata", "s3"},
+    kinds={"json", "s3"},
     description=(
         "A registered scRNA-seq reference atlas: the file at the manifest URI, validated (label "
         "column, normalization state) and fingerprinted (sha256 + ETag). The atlas itself stays at "
