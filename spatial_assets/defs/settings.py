@@ -27,6 +27,8 @@ class PlatformSettings(dg.ConfigurableResource):
     domain_levels: list[int] = []  # empty: a range around n_domains
     domain_model_dir: str = ""  # local directory with a pretrained Novae checkpoint (novae engine only)
     domain_signatures: str = "mouse_brain"  # bundled signature set name, or a YAML path
+    island_min_size: int = 10  # connected patches of fewer cells are flagged obs['is_island']
+    exclude_islands: bool = False  # True: islands get no domain (NaN) instead of the model's call
 
 
 def settings_from_env() -> PlatformSettings:

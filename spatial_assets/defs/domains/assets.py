@@ -12,7 +12,13 @@ from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.domains.platform import annotate_domains_with_signatures, fit_domain_model, pack_model, unpack_model
+from spatial_assets.domains.platform import (
+    annotate_domains_with_signatures,
+    fit_domain_model,
+    mark_islands,
+    pack_model,
+    unpack_model,
+)
 from spatial_assets.lineage import library_versions
 
 MODEL_KEY = "domain_model/model.zip"
@@ -89,13 +95,14 @@ def spatial_domains(
 ) -> ad.AnnData:
     store = storage.get_store()
     model = unpack_model(store.get_file(domain_model["key"]), domain_model["sha256"])
-    assigned = model.assign(spatial_cells)
+    assigned = mark_islands(model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
     annotated, assignment = annotate_domains_with_signatures(assigned, settings.domain_signatures)
     annotated.uns["domain_model_sha256"] = domain_model["sha256"]
     counts = annotated.obs["domain"].value_counts()
     calls = dict(zip(assignment["domain"], assignment["assigned_cell_types"]))
     metadata = {
         "n_cells": annotated.n_obs,
+        "n_island_cells": int(annotated.obs["is_island"].sum()),
         "engine": domain_model["engine"],
         "domain_model_sha256": domain_model["sha256"],
         "domains": md_table(["domain", "cells", "domain-level call"], ((d, n, calls.get(d, "")) for d, n in counts.items())),
@@ -114,6 +121,7 @@ def _domain_plots(adata: ad.AnnData, assignment: pd.DataFrame, out_dir: Path) ->
     return {
         "domains": plots.plot_domains(adata, out_dir / "domains.png", level_keys=level_keys),
         "elbows": plots.plot_elbows(assignment, out_dir / "elbows.png"),
+        "islands": plots.plot_islands(adata, out_dir / "islands.png"),
     }
 
 
