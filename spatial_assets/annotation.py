@@ -154,7 +154,6 @@ def _scan_query(
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         Xb = plan.rows(start, stop)
-        G = Xb.shape[1]
         ones = np.ones(Xb.shape[0], dtype=Xb.dtype)
         sq = sp.csr_matrix((np.square(Xb.data), Xb.indices, Xb.indptr), shape=Xb.shape)
         # per-batch column sums (float32 over <= batch_size rows), accumulated across batches in float64
