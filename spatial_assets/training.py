@@ -314,8 +314,8 @@ def train_model(
         c = C if reg is None else 1.0 / (reg * n_cells)
         return c, 1.0 / (c * n_cells)  # sklearn: l2_reg_strength = 1 / (C * sum of sample weights)
 
-    def logits_of(W: np.ndarray, b: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        S = Z[rows] @ W.T.astype(np.float32) + b
+    def logits_of(Zr: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        S = Zr @ W.T.astype(np.float32) + b
         return np.column_stack([np.zeros(len(S)), S[:, 0]]) if K == 2 else S.astype(np.float64)
 
     held = _stratified_holdout(y, calibration_fraction, seed) if calibration_fraction > 0 else np.zeros(n, bool)
@@ -330,7 +330,7 @@ def train_model(
             w = np.where(held, 0.0, 1.0 / n_fit)
             Wc, bc, _ = _fit_multinomial(Z, y_idx, K, l2_for(reg, n_fit)[1], weights=w, max_iter=max_iter, tol=tol, init=init_cal)
             init_cal = np.concatenate([Wc.ravel(), bc])
-            held_logits = logits_of(Wc, bc, held)
+            held_logits = logits_of(Z[held], Wc, bc)
             temperature = fit_temperature(held_logits, y_idx[held])
             cal_logits.append(held_logits)
             init = init_cal
