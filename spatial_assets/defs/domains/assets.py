@@ -71,6 +71,9 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage
             "engine": record["engine"],
             "levels": ", ".join(map(str, record["levels"])),
             "fitted_on": ", ".join(record["fitted_on"]),
+            "fitted_on_content_sha256": dg.MetadataValue.json(
+                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in sorted(spatial_cells)}
+            ),
             "model_metadata": dg.MetadataValue.json(meta),
             "library_versions": library_versions(),
         }
@@ -105,6 +108,12 @@ def spatial_domains(
         "n_island_cells": int(annotated.obs["is_island"].sum()),
         "engine": domain_model["engine"],
         "domain_model_sha256": domain_model["sha256"],
+        "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
+        "parameters": dg.MetadataValue.json(
+            {"signatures": settings.domain_signatures, "island_min_size": settings.island_min_size,
+             "exclude_islands": settings.exclude_islands, "levels": domain_model["levels"]}
+        ),
+        "library_versions": library_versions(),
         "domains": md_table(["domain", "cells", "domain-level call"], ((d, n, calls.get(d, "")) for d, n in counts.items())),
     }
     metadata.update(

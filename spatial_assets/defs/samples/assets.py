@@ -11,6 +11,7 @@ import dagster as dg
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.lineage import library_versions
 from spatial_assets.registry import scan_landing
 from spatial_assets.spatial import prepare_spatial_cells
 
@@ -36,6 +37,7 @@ def spatial_cells(context: dg.AssetExecutionContext, storage: StorageResource, s
             "content_sha256": adata.uns["content_sha256"],
             "n_cells": adata.n_obs,
             "n_genes": adata.n_vars,
+            "library_versions": library_versions(),
         }
     )
     return adata
