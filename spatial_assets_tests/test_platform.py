@@ -65,7 +65,7 @@ class Platform:
         )
 
     def tick(self, sensor_name: str, cursor=None):
-        sensor = self.defs.get_sensor_def(sensor_name)
+        sensor = self.defs.resolve_sensor_def(sensor_name)
         with dg.build_sensor_context(instance=self.instance, resources=self.resources, cursor=cursor) as ctx:
             result = sensor(ctx)
         if isinstance(result, dg.SensorResult):
@@ -243,7 +243,7 @@ def test_reference_update_reruns_model_and_all_annotations(platform):
     result = platform.tick("reference_manifest_sensor", cursor=json.dumps({}))
     assert [r.partition_key for r in result.run_requests] == ["poa"]
     # the nightly schedule catches the same change (an edit made outside the platform)
-    schedule = platform.defs.get_schedule_def("nightly_reference_reobservation")
+    schedule = platform.defs.resolve_schedule_def("nightly_reference_reobservation")
     with dg.build_schedule_context(instance=platform.instance, resources=platform.resources) as ctx:
         nightly = schedule(ctx)
     assert [r.partition_key for r in nightly] == ["poa"]
