@@ -109,6 +109,9 @@ def spatial_domains(
         "engine": domain_model["engine"],
         "domain_model_sha256": domain_model["sha256"],
         "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
+        "signatures_scored": len(annotated.uns["signature_scoring"]["signatures"]),
+        "signature_genes_used": int(len(annotated.uns["signature_scoring"]["genes_used"])),
+        "signature_genes_missing_from_panel": int(len(annotated.uns["signature_scoring"]["missing_genes"])),
         "parameters": dg.MetadataValue.json(
             {"signatures": settings.domain_signatures, "island_min_size": settings.island_min_size,
              "exclude_islands": settings.exclude_islands, "levels": domain_model["levels"]}
