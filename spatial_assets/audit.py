@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-IO_PREFIX = "assets"
-ANNOTATIONS_KEY = IO_PREFIX + "/cell_type_annotations/{sample}.h5ad"
-MODEL_CARD_KEY = IO_PREFIX + "/celltype_model.pkl.card.json"
-REFERENCE_RECORD_KEY = IO_PREFIX + "/reference_atlas/{id}.json"
+from spatial_assets.stores import asset_key
+
+MODEL_CARD_KEY = asset_key("celltype_model", None, ".pkl.card.json")
+REFERENCE_RECORD_KEY = asset_key("reference_atlas", "{id}", ".json")
 
 
 def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, check_files: bool = True) -> int:
@@ -30,7 +30,7 @@ def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, che
     report = audit_sample(
         store,
         sample_id,
-        annotations_key=ANNOTATIONS_KEY.format(sample=sample_id),
+        annotations_key=asset_key("cell_type_annotations", sample_id, ".h5ad"),
         model_card_key=MODEL_CARD_KEY,
         reference_record_key=REFERENCE_RECORD_KEY,
         fingerprint=fingerprint if check_files else None,

@@ -121,10 +121,11 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
     import pandas as pd
 
     from spatial_assets.celltyping import POA_LABEL_MAP, score_against_labels
+    from spatial_assets.stores import asset_key
 
     for sid in sample_ids:
-        summary = pd.read_parquet(store.get_file(f"assets/cell_type_summary/{sid}.parquet"))
-        annotated = ad.read_h5ad(store.get_file(f"assets/cell_type_annotations/{sid}.h5ad"))
+        summary = pd.read_parquet(store.get_file(asset_key("cell_type_summary", sid, ".parquet")))
+        annotated = ad.read_h5ad(store.get_file(asset_key("cell_type_annotations", sid, ".h5ad")))
         scores = score_against_labels(
             annotated.obs["cell_type_predicted"],
             annotated.obs["Cell_class_major"],
@@ -140,7 +141,7 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
             f"confidence AUROC {scores['confidence_auroc']:.3f}"
         )
         if with_domains:
-            dom = ad.read_h5ad(store.get_file(f"assets/spatial_domains/{sid}.h5ad"))
+            dom = ad.read_h5ad(store.get_file(asset_key("spatial_domains", sid, ".h5ad")))
             counts = dom.obs["domain"].value_counts().sort_index()
             calls = dom.obs.groupby("domain", observed=True)["domain_cell_type"].first()
             print("domains: " + ", ".join(f"{d}={n} ({calls.get(d, '')})" for d, n in counts.items()))

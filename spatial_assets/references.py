@@ -219,6 +219,21 @@ def _zero_overlap_message(file: str, panel: Sequence[str], ref_ids: Sequence[str
     return f"reference {file} shares no gene with the panel ({len(panel)} genes): {why}"
 
 
+def check_reference_obs(uri: str, columns: Sequence[str], obs_names: pd.Index, label_column: str) -> None:
+    """The label column exists (no auto-detect) and cell ids are unique; errors name the file."""
+    available = list(columns)
+    if label_column not in available:
+        raise ReferenceError(
+            f"label column {label_column!r} not found in obs of reference {uri}; available columns: {available}"
+        )
+    if obs_names.has_duplicates:
+        dups = obs_names[obs_names.duplicated()].unique()[:5].tolist()
+        raise ReferenceError(
+            f"reference {uri} has {int(obs_names.duplicated().sum())} duplicate cell ids (e.g. {dups}); "
+            "cell ids must be unique"
+        )
+
+
 def read_reference_subset(
     uri: str,
     genes: Sequence[str],
@@ -250,18 +265,9 @@ def read_reference_subset(
         if not isinstance(f.get("obs"), h5py.Group) or not isinstance(f.get("var"), h5py.Group):
             raise ReferenceError(f"reference {uri} is not an AnnData >= 0.7 h5ad file (obs/var groups missing)")
         obs_group = f["obs"]
-        available = _df_columns(obs_group)
-        if label_column not in available:
-            raise ReferenceError(
-                f"label column {label_column!r} not found in obs of reference {uri}; available columns: {available}"
-            )
         obs_names = _df_index(obs_group)
-        if obs_names.has_duplicates:
-            dups = obs_names[obs_names.duplicated()].unique()[:5].tolist()
-            raise ReferenceError(
-                f"reference {uri} has {int(obs_names.duplicated().sum())} duplicate cell ids (e.g. {dups}); "
-                "cell ids must be unique"
-            )
+        available = _df_columns(obs_group)
+        check_reference_obs(uri, available, obs_names, label_column)
 
         # counts source: first candidate that passes the integer test, else X as it is
         source, mat = "X", None

@@ -53,20 +53,13 @@ def describe_reference(entry: ReferenceEntry, s3_settings: S3Settings | None = N
     import anndata as ad
 
     from spatial_assets.normalization import detect_normalization
-    from spatial_assets.references import ReferenceError
+    from spatial_assets.references import ReferenceError, check_reference_obs
 
     info = head(entry.uri, settings=s3_settings)
     local = fetch_to_cache(entry.uri, settings=s3_settings)
     backed = ad.read_h5ad(local, backed="r")
     try:
-        if entry.label_column not in backed.obs.columns:
-            raise ReferenceError(
-                f"{entry.uri}: label column {entry.label_column!r} not found; available obs columns: "
-                f"{list(backed.obs.columns)}"
-            )
-        if not backed.obs_names.is_unique:
-            dup = backed.obs_names[backed.obs_names.duplicated()][:5].tolist()
-            raise ReferenceError(f"{entry.uri}: duplicate cell ids, e.g. {dup}")
+        check_reference_obs(entry.uri, backed.obs.columns, backed.obs_names, entry.label_column)
         rng = np.random.default_rng(0)
         n = backed.n_obs
         rows = np.sort(rng.choice(n, size=min(n, n_sample_rows), replace=False))

@@ -39,28 +39,33 @@ def validate_spatial(adata: ad.AnnData, name: str) -> np.ndarray:
     return spatial_coordinates(adata, name)
 
 
-def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.ndarray:
-    """``obsm['spatial']`` (or obs x/y columns) as a finite float array; errors name the column."""
-    if SPATIAL_OBSM in adata.obsm:
-        coords = adata.obsm[SPATIAL_OBSM]
-        coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else np.asarray(coords)
-        where = f"obsm['{SPATIAL_OBSM}']"
-    elif {"x", "y"} <= set(adata.obs.columns):
-        coords = adata.obs[["x", "y"]].to_numpy()
-        where = "obs['x'], obs['y']"
-    else:
-        raise SpatialInputError(f"{source}: no coordinates: expected obsm['{SPATIAL_OBSM}'] or obs columns 'x' and 'y'")
+def checked_coordinates(
+    adata: ad.AnnData, coords: object, *, where: str, source: str, error: type[ValueError] = SpatialInputError
+) -> np.ndarray:
+    """``coords`` as a finite (n_obs, ≥2) float array, or ``error`` naming ``source`` and ``where``."""
+    coords = coords.to_numpy() if isinstance(coords, pd.DataFrame) else coords
     try:
         coords = np.asarray(coords, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise SpatialInputError(f"{source}: coordinates in {where} are non-numeric ({exc})") from exc
+        raise error(f"{source}: {where} has non-numeric coordinates ({exc})") from exc
     if coords.ndim != 2 or coords.shape[0] != adata.n_obs or coords.shape[1] < 2:
-        raise SpatialInputError(f"{source}: coordinates in {where} must have ≥ 2 columns, got shape {coords.shape}")
-    bad = ~np.isfinite(coords[:, :2]).all(axis=1)
+        raise error(f"{source}: {where} must be (n_obs, >= 2), got shape {coords.shape}")
+    bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
         first = adata.obs_names[np.flatnonzero(bad)[0]]
-        raise SpatialInputError(f"{source}: {where} has NaN/infinite coordinates in {int(bad.sum())} cells (first: {first!r})")
-    return coords[:, :2]
+        raise error(f"{source}: {where} has NaN/infinite coordinates in {int(bad.sum())} cells (first: {first!r})")
+    return coords
+
+
+def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.ndarray:
+    """``obsm['spatial']`` (or obs x/y columns) as a finite (n, 2) float array; errors name the column."""
+    if SPATIAL_OBSM in adata.obsm:
+        coords, where = adata.obsm[SPATIAL_OBSM], f"obsm['{SPATIAL_OBSM}']"
+    elif {"x", "y"} <= set(adata.obs.columns):
+        coords, where = adata.obs[["x", "y"]], "obs['x'], obs['y']"
+    else:
+        raise SpatialInputError(f"{source}: no coordinates: expected obsm['{SPATIAL_OBSM}'] or obs columns 'x' and 'y'")
+    return checked_coordinates(adata, coords, where=where, source=source)[:, :2]
 
 
 def prepare_spatial_cells(adata: ad.AnnData, *, sample_id: str, source: str) -> ad.AnnData:

@@ -35,6 +35,15 @@ __all__ = [
 _PART_SUFFIX = ".part"
 
 
+#: IO-managed asset values live under ``<storage prefix>/assets/`` (manifests and landing data beside it)
+ASSETS_PREFIX = "assets"
+
+
+def asset_key(asset: str, partition: str | None, ext: str) -> str:
+    """Where the IO managers keep an asset value: ``assets/<asset>/<partition><ext>`` or ``assets/<asset><ext>``."""
+    return f"{ASSETS_PREFIX}/{asset}/{partition}{ext}" if partition is not None else f"{ASSETS_PREFIX}/{asset}{ext}"
+
+
 class InvalidKeyError(ValueError):
     """A key that could escape the store's root/prefix or is not a plain '/'-separated path."""
 

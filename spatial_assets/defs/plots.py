@@ -7,12 +7,12 @@ from typing import Callable
 
 import dagster as dg
 
-from spatial_assets.defs.resources import IO_PREFIX
+from spatial_assets.stores import asset_key
 
 
 def plots_prefix(asset: str, partition: str) -> str:
     """Plots live beside the object they describe: ``assets/<asset>/<partition>.plots/``."""
-    return f"{IO_PREFIX}/{asset}/{partition}.plots"
+    return asset_key(asset, partition, ".plots")
 
 
 def md_table(headers: list[str], rows) -> dg.MetadataValue:

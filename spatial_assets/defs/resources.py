@@ -29,12 +29,11 @@ import dagster as dg
 from pydantic import PrivateAttr
 
 from spatial_assets.objectstore import S3Settings
-from spatial_assets.stores import LocalStore, ObjectStore, S3Store
+from spatial_assets.stores import ASSETS_PREFIX, LocalStore, ObjectStore, S3Store
 
 DEPLOYMENT_ENV = "SPATIAL_ASSETS_DEPLOYMENT"
 DEPLOYMENTS = ("local_s3", "s3", "local")
 DEFAULT_BUCKET = "spatial-assets"
-IO_PREFIX = "assets"  # IO-managed asset values live under <storage prefix>/assets/...
 
 
 class StorageConfigError(ValueError):
@@ -226,7 +225,7 @@ def build_resources(deployment: Optional[str] = None) -> dict[str, Any]:
         root = str(home / "storage")
         return {
             "storage": StorageResource(kind="local", root=root),
-            "io_manager": LocalObjectStoreIOManager(root=root, prefix=IO_PREFIX),
+            "io_manager": LocalObjectStoreIOManager(root=root, prefix=ASSETS_PREFIX),
         }
     if deployment == "local_s3":
         bucket = os.environ.get("SPATIAL_ASSETS_BUCKET") or DEFAULT_BUCKET
@@ -234,7 +233,7 @@ def build_resources(deployment: Optional[str] = None) -> dict[str, Any]:
         state = str(home / "s3")
         storage = StorageResource(kind="local_s3", bucket=bucket, prefix=prefix, seaweed_state_dir=state)
         io = S3ObjectStoreIOManager(
-            kind="local_s3", bucket=bucket, prefix=_join(prefix, IO_PREFIX), seaweed_state_dir=state
+            kind="local_s3", bucket=bucket, prefix=_join(prefix, ASSETS_PREFIX), seaweed_state_dir=state
         )
         return {"storage": storage, "io_manager": io}
     bucket = os.environ.get("SPATIAL_ASSETS_BUCKET", "")
@@ -251,7 +250,7 @@ def build_resources(deployment: Optional[str] = None) -> dict[str, Any]:
     common = {k: v for k, v in common.items() if v is not None}
     return {
         "storage": StorageResource(kind="s3", bucket=bucket, prefix=prefix, **common),
-        "io_manager": S3ObjectStoreIOManager(kind="s3", bucket=bucket, prefix=_join(prefix, IO_PREFIX), **common),
+        "io_manager": S3ObjectStoreIOManager(kind="s3", bucket=bucket, prefix=_join(prefix, ASSETS_PREFIX), **common),
     }
 
 

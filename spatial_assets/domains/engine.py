@@ -28,6 +28,7 @@ import pandas as pd
 from anndata import AnnData
 
 from spatial_assets.schema import DOMAIN, SPATIAL_OBSM
+from spatial_assets.spatial import checked_coordinates
 
 DOMAIN_EMBEDDING_OBSM = "X_domain_embedding"
 DOMAINS_UNS = "domains"
@@ -91,20 +92,9 @@ def validate_spatial(adata: AnnData, name: str = "input") -> np.ndarray:
     """Return the (n, 2+) float coordinates or raise :class:`DomainInputError` naming the problem."""
     if SPATIAL_OBSM not in adata.obsm:
         raise DomainInputError(f"{name}: obsm['{SPATIAL_OBSM}'] (spatial coordinates) is missing")
-    xy = np.asarray(adata.obsm[SPATIAL_OBSM])
-    if xy.ndim != 2 or xy.shape[0] != adata.n_obs or xy.shape[1] < 2:
-        raise DomainInputError(f"{name}: obsm['{SPATIAL_OBSM}'] must be (n_obs, >=2), got shape {xy.shape}")
-    try:
-        xy = xy.astype(np.float64)
-    except (TypeError, ValueError) as exc:
-        raise DomainInputError(f"{name}: obsm['{SPATIAL_OBSM}'] is not numeric: {exc}") from exc
-    bad = ~np.isfinite(xy).all(axis=1)
-    if bad.any():
-        first = adata.obs_names[np.flatnonzero(bad)[0]]
-        raise DomainInputError(
-            f"{name}: obsm['{SPATIAL_OBSM}'] has {int(bad.sum())} rows with NaN/inf coordinates (first: {first!r})"
-        )
-    return xy
+    return checked_coordinates(
+        adata, adata.obsm[SPATIAL_OBSM], where=f"obsm['{SPATIAL_OBSM}']", source=name, error=DomainInputError
+    )
 
 
 def validate_sample_key(adata: AnnData, sample_key: str | None, name: str = "input") -> None:

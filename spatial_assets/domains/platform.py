@@ -22,7 +22,7 @@ from spatial_assets.objectstore import sha256_file
 
 def default_levels(n_domains: int) -> list[int]:
     """A small resolution range around the requested number of domains (coarser and finer)."""
-    return normalize_levels([max(2, n_domains - 2), n_domains, n_domains + 3], n_domains)
+    return [max(2, n_domains - 2), n_domains, n_domains + 3]
 
 
 def fit_domain_model(

@@ -20,8 +20,9 @@ from spatial_assets.domains.platform import (
     unpack_model,
 )
 from spatial_assets.lineage import library_versions
+from spatial_assets.stores import asset_key
 
-MODEL_KEY = "domain_model/model.zip"
+MODEL_KEY = asset_key("domain_model", None, ".zip")  # beside the .json record the IO manager writes
 
 
 def _engine_config(settings: PlatformSettings) -> dict:
