@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,38 +37,6 @@ def _read_target_proportions(path: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in zip(df.iloc[:, 0], df.iloc[:, 1])}
 
 
-def _write_h5ad_atomic(adata: object, dest: str) -> None:
-    """Write to a temp file next to the destination (or a temp dir for S3), then rename / upload."""
-    from spatial_assets.objectstore import is_s3_uri, upload_file
-
-    if is_s3_uri(dest):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / "out.h5ad"
-            adata.write_h5ad(local)  # type: ignore[attr-defined]
-            upload_file(local, dest)
-        return
-    target = Path(dest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        adata.write_h5ad(tmp)  # type: ignore[attr-defined]
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_table_atomic(table: Any, dest: str) -> None:
-    """CSV beside the annotated output (the ontology mapping table a user reviews)."""
-    from spatial_assets.objectstore import put_local_or_s3
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "table.csv"
-        table.to_csv(local, index=False)
-        put_local_or_s3(local, dest)
-
-
 def mapping_table_path(out: str) -> str:
     """``x/annotated.h5ad`` → ``x/annotated.label_mapping.csv`` (works for s3:// URIs too)."""
     stem = out[: -len(".h5ad")] if out.endswith(".h5ad") else out
@@ -95,7 +61,7 @@ def cmd_celltype(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from spatial_assets.celltyping import run_celltyping
-    from spatial_assets.objectstore import fetch_to_cache
+    from spatial_assets.objectstore import fetch_to_cache, write_atomic
     from spatial_assets.references import DEFAULT_PLACEHOLDER_LABELS, ReferenceSpec
 
     refs, cols = args.reference or [], args.label_column or []
@@ -122,8 +88,8 @@ def cmd_celltype(args: argparse.Namespace) -> int:
         from spatial_assets.training import save_model
 
         save_model(result.model, args.model_out)
-    _write_h5ad_atomic(out, args.out)
-    _write_table_atomic(result.mapping_table, mapping_table_path(args.out))
+    write_atomic(args.out, out.write_h5ad)
+    write_atomic(mapping_table_path(args.out), lambda path: result.mapping_table.to_csv(path, index=False))
     if args.plots:
         from spatial_assets.plots import write_celltyping_plots
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _MB = 1024 * 1024
 
@@ -138,12 +137,27 @@ def upload_file(local_path: str | os.PathLike[str], uri: str, settings: S3Settin
     )
 
 
-def put_local_or_s3(local_path: str | os.PathLike[str], dest: str, settings: S3Settings | None = None) -> None:
-    """Move a finished local file to ``dest`` (a path or s3:// URI) atomically."""
-    if is_s3_uri(dest):
-        upload_file(local_path, dest, settings=settings)
-        return
-    Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{dest}.part"
-    shutil.copyfile(local_path, tmp)
-    os.replace(tmp, dest)
+def write_atomic(dest: str, write: Callable[[Path], None]) -> None:
+    """Let ``write(path)`` produce the file, then publish it at ``dest`` (a path or s3:// URI) at once.
+
+    Local: a temp file beside ``dest`` renamed over it; S3: a temp file uploaded (multipart). Either
+    way an error inside ``write`` leaves nothing at ``dest``.
+    """
+    s3 = is_s3_uri(dest)
+    tmpdir = None
+    if not s3:
+        target = Path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = target.parent
+    # same suffix as the destination: writers that look at it (h5ad) behave as for the real name
+    fd, tmp = tempfile.mkstemp(dir=tmpdir, prefix=f".{Path(dest).name}.", suffix=f".part{Path(dest).suffix}")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        if s3:
+            upload_file(tmp, dest)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -8,14 +8,12 @@ so a failure never leaves a partial file at the destination.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 
 from spatial_assets.domains.engine import DEFAULT_ENGINE, ENGINES, DomainInputError, run_domains
-from spatial_assets.objectstore import fetch_to_cache, is_s3_uri, put_local_or_s3
+from spatial_assets.objectstore import fetch_to_cache, write_atomic
 from spatial_assets.schema import DOMAIN
 
 
@@ -69,20 +67,7 @@ def run_domains_command(args: argparse.Namespace) -> int:
             print(res.obs.groupby([args.batch_key, DOMAIN], observed=False).size().unstack(fill_value=0).to_string())
         else:
             print("  " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-        tmpdir = None if is_s3_uri(dest) else os.path.dirname(os.path.abspath(dest)) or "."
-        if tmpdir:
-            os.makedirs(tmpdir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".h5ad", dir=tmpdir)
-        os.close(fd)
-        try:
-            res.write_h5ad(tmp)
-            if is_s3_uri(dest):
-                put_local_or_s3(tmp, dest)
-            else:
-                os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(dest, res.write_h5ad)
     if args.save_model:
         model.save(args.save_model)
         print(f"model saved to {args.save_model}")
