@@ -105,16 +105,17 @@ class LandedSample:
         return h5ads[0]
 
 
-def scan_landing(store: Any, prefix: str) -> tuple[list[LandedSample], list[str]]:
+def scan_landing(store: Any, prefix: str, *, sample_id: str | None = None) -> tuple[list[LandedSample], list[str]]:
     """Group landing objects by sample: ``<prefix><id>.h5ad`` or ``<prefix><id>/...``.
 
     Returns the samples and a list of problems (invalid ids) to log, not to crash on: one bad
-    upload must not stop other samples from being registered.
+    upload must not stop other samples from being registered. ``sample_id`` lists only the keys
+    that can belong to that sample (one sample's run need not list the whole landing area).
     """
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     groups: dict[str, list[Any]] = {}
     problems: list[str] = []
-    for obj in store.list(prefix):
+    for obj in store.list(prefix + (sample_id or "")):
         rel = obj.key[len(prefix) :]
         if not rel or rel.endswith("/"):
             continue
@@ -125,6 +126,8 @@ def scan_landing(store: Any, prefix: str) -> tuple[list[LandedSample], list[str]
         groups.setdefault(sid, []).append(obj)
     samples = []
     for sid, objs in sorted(groups.items()):
+        if sample_id is not None and sid != sample_id:
+            continue
         try:
             validate_id(sid, "sample id")
         except InvalidIdError as exc:

@@ -58,6 +58,9 @@ def test_landing_scan_groups_files_and_folders_and_skips_bad_ids(tmp_path):
     assert samples[1].h5ad_key == "landing/samples/s2/cells.h5ad"
     assert len(samples[1].keys) == 2
     assert len(problems) == 1 and "comma" in problems[0]
+    store.write_bytes("landing/samples/s10.h5ad", b"5")  # shares the prefix "s1"
+    (only,), none = scan_landing(store, "landing/samples/", sample_id="s1")
+    assert (only.sample_id, only.keys, none) == ("s1", ("landing/samples/s1.h5ad",), [])
     before = {s.sample_id: s.fingerprint for s in samples}
     store.write_bytes("landing/samples/s2/cells.h5ad", b"changed")
     after = {s.sample_id: s.fingerprint for s in scan_landing(store, "landing/samples/")[0]}

@@ -25,7 +25,7 @@ from spatial_assets.spatial import prepare_spatial_cells
 def spatial_cells(context: dg.AssetExecutionContext, storage: StorageResource, settings: PlatformSettings) -> ad.AnnData:
     sample_id = context.partition_key
     store = storage.get_store()
-    landed = {s.sample_id: s for s in scan_landing(store, settings.landing_prefix)[0]}
+    landed = {s.sample_id: s for s in scan_landing(store, settings.landing_prefix, sample_id=sample_id)[0]}
     if sample_id not in landed:
         raise FileNotFoundError(f"sample {sample_id!r}: nothing under {store.uri(settings.landing_prefix)}")
     key = landed[sample_id].h5ad_key
