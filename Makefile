@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, CPU build, so nothing pulls the CUDA wheels
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,novae,rctd,prod]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,7 +22,7 @@ setup: $(STAMP)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 demo: setup
-	$(PY) -m spatial_assets.demo
+	$(PY) -m spatial_assets.defs.demo
 
 test: setup
 	SPATIAL_ASSETS_DEPLOYMENT=local $(VENV)/bin/dagster definitions validate -w workspace.yaml
@@ -32,11 +32,11 @@ validate: setup
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 
 ui: setup
-	$(PY) -m spatial_assets.demo --ui-only
+	$(PY) -m spatial_assets.defs.demo --ui-only
 
 bench: setup
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	-$(PY) -c "from pathlib import Path; from spatial_assets.seaweed import stop_running; stop_running(Path('.local/s3'))"
+	-$(PY) -c "from pathlib import Path; from spatial_assets.storage.seaweed import stop_running; stop_running(Path('.local/s3'))"
 	rm -rf .local

@@ -17,8 +17,8 @@ CHILD = r"""
 import resource, time, sys
 import numpy as np, pandas as pd, scipy.sparse as sp
 from anndata import AnnData
-from spatial_assets.training import train_model
-from spatial_assets.annotation import annotate
+from spatial_assets.celltyping.training import train_model
+from spatial_assets.celltyping.annotation import annotate
 
 def rss():
     d = dict(l.split(':', 1) for l in open('/proc/self/status'))

@@ -22,12 +22,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from spatial_assets import schema
-from spatial_assets.annotation import annotate
-from spatial_assets.celltyping import POA_LABEL_MAP, POA_PLACEHOLDERS, run_celltyping, score_against_labels
-from spatial_assets.references import DEFAULT_PLACEHOLDER_LABELS, ReferenceSpec
-from spatial_assets.synthetic import TYPE_SYNONYMS, platform_split, write_celltyping_data
-from spatial_assets.training import TrainedModel, train_model
+from spatial_assets.core import schema
+from spatial_assets.celltyping.annotation import annotate
+from spatial_assets.celltyping.pipeline import POA_LABEL_MAP, POA_PLACEHOLDERS, run_celltyping, score_against_labels
+from spatial_assets.celltyping.references import DEFAULT_PLACEHOLDER_LABELS, ReferenceSpec
+from spatial_assets.celltyping.synthetic import TYPE_SYNONYMS, platform_split, write_celltyping_data
+from spatial_assets.celltyping.training import TrainedModel, train_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 KINDS = ("softmax", "raw", "margin", "1-entropy", "label-shift")

@@ -76,7 +76,7 @@ def starmap_ari(
     """Fit ONE Novae model on all three STARmap slices, assign each, score ARI against ``layer``."""
     from sklearn.metrics import adjusted_rand_score
 
-    from spatial_assets.domains.novae_engine import NovaeDomainEngine
+    from spatial_assets.domains.novae.engine import NovaeDomainEngine
 
     slices = _slices(Path(data_path))
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def make_local_checkpoint(directory: str | Path, *, seed: int = 0, threads: int 
     names (so the vocabulary covers the target), save it. Returns the pre-training record."""
     import anndata as ad
 
-    from spatial_assets.domains.novae_engine import NovaeDomainEngine
+    from spatial_assets.domains.novae.engine import NovaeDomainEngine
     from spatial_assets.domains.synthetic import make_synthetic_tissue, split_samples
 
     genes = list(ad.read_h5ad(STARMAP, backed="r").var_names)
@@ -161,7 +161,7 @@ def make_local_checkpoint(directory: str | Path, *, seed: int = 0, threads: int 
 
 def step_seconds(threads: int, heads: int, steps: int = 5, seed: int = 0) -> float:
     """Median seconds per training step (batch 256) on STARmap, timed inside the Lightning loop."""
-    from spatial_assets.domains.novae_engine import NovaeDomainEngine
+    from spatial_assets.domains.novae.engine import NovaeDomainEngine
 
     eng = NovaeDomainEngine(mode="train", threads=threads, max_epochs=1, limit_train_batches=steps + 1,
                             model_kwargs={"heads": heads})

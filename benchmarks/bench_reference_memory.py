@@ -6,7 +6,7 @@ subprocesses, each reporting its own peak RSS (``VmHWM``; ``ru_maxrss`` would in
 the parent had when it forked the child):
 
   (0) baseline: imports only
-  (a) ``spatial_assets.references.read_reference_subset`` to a ``--panel``-gene panel
+  (a) ``spatial_assets.celltyping.references.read_reference_subset`` to a ``--panel``-gene panel
   (b) ``anndata.read_h5ad`` of the whole file, then ``[:, panel].copy()``
 
 and prints both peaks (GB), their ratio and PASS/FAIL of (a) against the 3 GB target.
@@ -89,7 +89,7 @@ mode, path, panel_file = sys.argv[1], sys.argv[2], sys.argv[3]
 panel = [l.strip() for l in open(panel_file) if l.strip()]
 import anndata as ad
 import scipy.sparse as sp
-from spatial_assets.references import read_reference_subset
+from spatial_assets.celltyping.references import read_reference_subset
 t0 = time.perf_counter()
 if mode == "baseline":
     X = sp.csr_matrix((1, 1), dtype=np.float32)

@@ -3,7 +3,7 @@
 One model is fitted on the three slices together (multi-sample), as in production. Baselines are run
 in the same process for comparison: non-spatial PCA + k-means (the cell alone) and the
 "neighbourhood-smoothed PCA + k-means" baseline (2-hop mean, no batch centring, no label smoothing).
-If ``spatial_assets.domains.novae_engine`` imports, Novae is run too (its own config hook:
+If ``spatial_assets.domains.novae.engine`` imports, Novae is run too (its own config hook:
 ``starmap_benchmark_config()`` if the module defines it, else its defaults) and reported as measured.
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_starmap_domains.py [--no-novae] [--seeds 0,1,2]
@@ -67,7 +67,7 @@ def main() -> None:
     if args.no_novae:
         return
     try:
-        novae_mod = importlib.import_module("spatial_assets.domains.novae_engine")
+        novae_mod = importlib.import_module("spatial_assets.domains.novae.engine")
     except Exception as exc:  # noqa: BLE001 - report any import failure, then stop
         print(f"novae: not run ({type(exc).__name__}: {exc})")
         return

@@ -9,7 +9,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import dagster as dg
-from spatial_assets.seaweed import SeaweedS3, ensure_bucket
+from spatial_assets.storage.seaweed import SeaweedS3, ensure_bucket
 from spatial_assets.defs.io_managers import LocalObjectStoreIOManager, S3ObjectStoreIOManager
 
 root = Path(tempfile.mkdtemp(prefix="h4b-"))

@@ -20,7 +20,7 @@ T_START = time.perf_counter()
 
 def _generate(out_dir: str) -> None:
     code = (
-        "from spatial_assets.synthetic import write_celltyping_data;"
+        "from spatial_assets.celltyping.synthetic import write_celltyping_data;"
         f"write_celltyping_data({out_dir!r}, n_ref_cells=(14000, 6000), n_spatial=20000, seed=0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -34,10 +34,10 @@ def main() -> None:
     t_import = time.perf_counter()
     import anndata as ad
 
-    from spatial_assets.annotation import annotate
-    from spatial_assets.celltyping import run_celltyping, score_against_labels
-    from spatial_assets.references import ReferenceSpec
-    from spatial_assets.synthetic import TYPE_SYNONYMS
+    from spatial_assets.celltyping.annotation import annotate
+    from spatial_assets.celltyping.pipeline import run_celltyping, score_against_labels
+    from spatial_assets.celltyping.references import ReferenceSpec
+    from spatial_assets.celltyping.synthetic import TYPE_SYNONYMS
 
     import_s = time.perf_counter() - t_import
     t0 = time.perf_counter()

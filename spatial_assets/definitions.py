@@ -13,7 +13,7 @@ from spatial_assets.defs.domains import assets as domain_assets
 from spatial_assets.defs.domains import checks as domain_checks
 from spatial_assets.defs.references import assets as reference_assets
 from spatial_assets.defs.references import sensors as reference_sensors
-from spatial_assets.defs.resources import build_resources
+from spatial_assets.defs.deployment import build_resources
 from spatial_assets.defs.samples import assets as sample_assets
 from spatial_assets.defs.samples import checks as sample_checks
 from spatial_assets.defs.samples import sensors as sample_sensors

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from spatial_assets.objectstore import S3Settings
-from spatial_assets.seaweed import SeaweedS3, ensure_bucket
-from spatial_assets.stores import S3Store
+from spatial_assets.storage.objectstore import S3Settings
+from spatial_assets.storage.seaweed import SeaweedS3, ensure_bucket
+from spatial_assets.storage.stores import S3Store
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def s3_settings(s3_server: SeaweedS3) -> S3Settings:
 @pytest.fixture()
 def s3_env(s3_settings: S3Settings, monkeypatch: pytest.MonkeyPatch) -> S3Settings:
     """Export the server's endpoint/credentials as env vars (for code that uses S3Settings.from_env())."""
-    from spatial_assets.seaweed import settings_env
+    from spatial_assets.storage.seaweed import settings_env
 
     for k, v in settings_env(s3_settings).items():
         monkeypatch.setenv(k, v)

@@ -1,4 +1,4 @@
-"""IO managers storing asset values in an :class:`~spatial_assets.stores.ObjectStore`.
+"""IO managers storing asset values in an :class:`~spatial_assets.storage.stores.ObjectStore`.
 
 Follows Dagster's ``UPathIOManager`` pattern — one base class (:class:`ObjectStoreIOManager`) owns
 paths, partitions, formats and metadata; the subclasses only say where the store is:
@@ -6,7 +6,7 @@ paths, partitions, formats and metadata; the subclasses only say where the store
 
 Keys: ``<prefix>/<asset key path joined by />/<partition>.<ext>``; unpartitioned
 ``<prefix>/<asset key path>.<ext>``; multi-partitions ``.../<dim values in dimension-name order>.<ext>``
-(as UPathIOManager). Partition values are checked with :func:`spatial_assets.ids.validate_id`.
+(as UPathIOManager). Partition values are checked with :func:`spatial_assets.core.ids.validate_id`.
 
 Formats — on write, by the Python type of the value; on read, by (first match wins) the ``format``
 metadata of the input, the ``format`` definition metadata of the upstream asset, the input's
@@ -26,7 +26,7 @@ json       ``dict`` / ``list``          ``.json`` (sorted keys: same value → s
 
 Every write adds output metadata ``uri``, ``sha256`` (of the bytes written), ``size_bytes``,
 ``format`` (+ ``n_obs``/``n_vars`` for AnnData, ``n_rows``/``n_cols`` for DataFrames,
-``card_uri`` for models). Writes are atomic (see :mod:`spatial_assets.stores`): a failed
+``card_uri`` for models). Writes are atomic (see :mod:`spatial_assets.storage.stores`): a failed
 serialisation or upload leaves no object at the final key.
 
 Loading a partitioned upstream: a partitioned run that needs exactly one upstream partition gets the
@@ -50,9 +50,9 @@ from typing import Any, Optional, Union
 import dagster as dg
 from pydantic import PrivateAttr
 
-from spatial_assets.ids import validate_id
-from spatial_assets.objectstore import sha256_file
-from spatial_assets.stores import LocalStore, ObjectNotFoundError, ObjectStore, validate_key
+from spatial_assets.core.ids import validate_id
+from spatial_assets.storage.objectstore import sha256_file
+from spatial_assets.storage.stores import LocalStore, ObjectNotFoundError, ObjectStore, validate_key
 
 FORMATS: dict[str, str] = {"h5ad": ".h5ad", "parquet": ".parquet", "model": ".pkl", "json": ".json"}
 CARD_SUFFIX = ".card.json"
@@ -109,7 +109,7 @@ class ObjectStoreIOManager(dg.ConfigurableIOManager):
     """Base: formats, keys, partitions and metadata over any ObjectStore (subclasses give the store)."""
 
     prefix: str = ""
-    model_module: str = "spatial_assets.training"  # module providing TrainedModel, save_model, load_model
+    model_module: str = "spatial_assets.celltyping.training"  # module providing TrainedModel, save_model, load_model
     h5ad_compression: Optional[str] = None  # None: measured 12x faster than gzip for ~4x the bytes
 
     def get_store(self) -> ObjectStore:  # pragma: no cover - abstract
@@ -370,7 +370,8 @@ class S3ObjectStoreIOManager(ObjectStoreIOManager):
     _store: Optional[ObjectStore] = PrivateAttr(default=None)
 
     def get_store(self) -> ObjectStore:
-        from spatial_assets.defs.resources import StorageConfigError, _make_store, _resolve_s3_settings
+        from spatial_assets.defs.resources import _resolve_s3_settings, _s3_client_factory
+        from spatial_assets.storage.deployment import StorageConfigError, _make_store
 
         if self._store is None:
             if self.kind not in ("s3", "local_s3"):
@@ -392,5 +393,6 @@ class S3ObjectStoreIOManager(ObjectStoreIOManager):
                 settings=settings,
                 cache_dir=self.cache_dir,
                 create_bucket=self.kind == "local_s3",
+                client_factory=_s3_client_factory(settings),
             )
         return self._store

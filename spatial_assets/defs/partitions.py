@@ -6,7 +6,7 @@ from the UI, so every partition key is also a safe storage key.
 
 import dagster as dg
 
-from spatial_assets.ids import validate_id
+from spatial_assets.core.ids import validate_id
 
 references_partitions = dg.DynamicPartitionsDefinition(name="references")
 samples_partitions = dg.DynamicPartitionsDefinition(name="samples")

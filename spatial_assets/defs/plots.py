@@ -7,7 +7,7 @@ from typing import Callable
 
 import dagster as dg
 
-from spatial_assets.stores import asset_key
+from spatial_assets.storage.stores import asset_key
 
 
 def plots_prefix(asset: str, partition: str) -> str:

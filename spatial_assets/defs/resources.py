@@ -1,7 +1,7 @@
 """Storage resource and the per-deployment resource set.
 
 One switch, ``SPATIAL_ASSETS_DEPLOYMENT``, decides where every artefact lives; asset code only sees
-an :class:`~spatial_assets.stores.ObjectStore`, so the same code runs on the bundled SeaweedFS, on
+an :class:`~spatial_assets.storage.stores.ObjectStore`, so the same code runs on the bundled SeaweedFS, on
 AWS S3 (or any S3) and on a plain directory by configuration alone:
 
 ============  ==============================================================================
@@ -20,7 +20,6 @@ AWS S3 (or any S3) and on a plain directory by configuration alone:
 NB: no ``from __future__ import annotations`` here; it breaks Dagster's config classes.
 """
 
-import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,21 +27,16 @@ from typing import Any, Callable, Optional
 import dagster as dg
 from pydantic import PrivateAttr
 
-from spatial_assets.objectstore import S3Settings
-from spatial_assets.stores import ASSETS_PREFIX, LocalStore, ObjectStore, S3Store
-
-DEPLOYMENT_ENV = "SPATIAL_ASSETS_DEPLOYMENT"
-DEPLOYMENTS = ("local_s3", "s3", "local")
-DEFAULT_BUCKET = "spatial-assets"
-
-
-class StorageConfigError(ValueError):
-    """A storage/deployment setting that cannot work (names the setting)."""
-
-
-def spatial_assets_home() -> Path:
-    return Path(os.environ.get("SPATIAL_ASSETS_HOME") or Path.cwd() / ".local").resolve()
-
+from spatial_assets.storage.objectstore import S3Settings
+from spatial_assets.storage.deployment import (
+    DEFAULT_BUCKET,
+    StorageConfigError,  # noqa: F401  (re-exported: raised by the resources)
+    _check_kind,
+    _local_s3_settings,
+    _make_store,
+    spatial_assets_home,
+)
+from spatial_assets.storage.stores import ObjectStore
 
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -75,28 +69,6 @@ def _s3_client_factory(settings: S3Settings, max_attempts: int = 5) -> Callable[
     return make
 
 
-_LOCAL_S3: dict[Path, tuple[int, S3Settings]] = {}
-
-
-def _local_s3_settings(state_dir: Path) -> S3Settings:
-    """``ensure_running`` once per process and server: later runs only check the recorded pid is alive.
-
-    Every run builds its resources again; a full ensure_running (lock, signed request) each time
-    would add a boto3 client and a round trip to every run for nothing.
-    """
-    from spatial_assets.seaweed import ensure_running, recorded_pid
-
-    state_dir = state_dir.resolve()
-    cached = _LOCAL_S3.get(state_dir)
-    if cached is not None and recorded_pid(state_dir) == cached[0]:
-        return cached[1]
-    settings = ensure_running(state_dir)
-    pid = recorded_pid(state_dir)
-    if pid is not None:
-        _LOCAL_S3[state_dir] = (pid, settings)
-    return settings
-
-
 def _resolve_s3_settings(
     kind: str,
     *,
@@ -122,11 +94,6 @@ def _resolve_s3_settings(
 def _value(setting: Any) -> Any:
     """An ``EnvVar`` field is resolved by Dagster at run time; outside a run (CLI, demo) resolve it here."""
     return setting.get_value() if isinstance(setting, dg.EnvVar) else setting
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in DEPLOYMENTS:
-        raise StorageConfigError(f"storage kind {kind!r} is not one of {list(DEPLOYMENTS)}")
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -177,83 +144,6 @@ class StorageResource(dg.ConfigurableResource):
                 settings=self.s3_settings(),
                 cache_dir=self.cache_dir,
                 create_bucket=self.kind == "local_s3",
+                client_factory=_s3_client_factory(self.s3_settings()) if self.kind != "local" else None,
             )
         return self._store
-
-
-def _make_store(
-    kind: str,
-    *,
-    bucket: str,
-    prefix: str,
-    root: str,
-    settings: Optional[S3Settings],
-    cache_dir: Optional[str],
-    create_bucket: bool,
-) -> ObjectStore:
-    _check_kind(kind)
-    if kind == "local":
-        base = Path(root) if root else spatial_assets_home() / "storage"
-        return LocalStore(base / prefix if prefix else base)
-    if not bucket:
-        raise StorageConfigError(f"storage kind {kind!r} needs a bucket (config 'bucket' or env SPATIAL_ASSETS_BUCKET)")
-    assert settings is not None
-    if create_bucket:  # our own SeaweedFS: the bucket is ours to create; on real S3 it must exist already
-        from spatial_assets.seaweed import ensure_bucket
-
-        ensure_bucket(settings, bucket)
-    return S3Store(bucket, prefix, _s3_client_factory(settings), cache_dir=cache_dir)
-
-
-def _env_or_none(name: str) -> Any:
-    """A Dagster EnvVar when set (resolved at run time, hidden in the UI), else None (boto3's chain)."""
-    return dg.EnvVar(name) if os.environ.get(name) else None
-
-
-def build_resources(deployment: Optional[str] = None) -> dict[str, Any]:
-    """The resource dict for ``Definitions``: ``storage`` (StorageResource) and ``io_manager``.
-
-    Cheap: nothing is started or contacted here (``local_s3`` starts SeaweedFS on first use).
-    """
-    from spatial_assets.defs.io_managers import LocalObjectStoreIOManager, S3ObjectStoreIOManager
-
-    deployment = deployment or os.environ.get(DEPLOYMENT_ENV) or "local_s3"
-    if deployment not in DEPLOYMENTS:
-        raise StorageConfigError(f"{DEPLOYMENT_ENV}={deployment!r} is not one of {list(DEPLOYMENTS)}")
-    home = spatial_assets_home()
-    if deployment == "local":
-        root = str(home / "storage")
-        return {
-            "storage": StorageResource(kind="local", root=root),
-            "io_manager": LocalObjectStoreIOManager(root=root, prefix=ASSETS_PREFIX),
-        }
-    if deployment == "local_s3":
-        bucket = os.environ.get("SPATIAL_ASSETS_BUCKET") or DEFAULT_BUCKET
-        prefix = os.environ.get("SPATIAL_ASSETS_PREFIX", "")
-        state = str(home / "s3")
-        storage = StorageResource(kind="local_s3", bucket=bucket, prefix=prefix, seaweed_state_dir=state)
-        io = S3ObjectStoreIOManager(
-            kind="local_s3", bucket=bucket, prefix=_join(prefix, ASSETS_PREFIX), seaweed_state_dir=state
-        )
-        return {"storage": storage, "io_manager": io}
-    bucket = os.environ.get("SPATIAL_ASSETS_BUCKET", "")
-    if not bucket:
-        raise StorageConfigError("deployment 's3' needs env SPATIAL_ASSETS_BUCKET (the bucket to store everything in)")
-    prefix = os.environ.get("SPATIAL_ASSETS_PREFIX", "")
-    endpoint_env = "SPATIAL_ASSETS_S3_ENDPOINT" if os.environ.get("SPATIAL_ASSETS_S3_ENDPOINT") else "AWS_ENDPOINT_URL"
-    common = dict(
-        endpoint_url=_env_or_none(endpoint_env),
-        aws_access_key_id=_env_or_none("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=_env_or_none("AWS_SECRET_ACCESS_KEY"),
-        region_name=_env_or_none("AWS_REGION") or _env_or_none("AWS_DEFAULT_REGION"),
-    )
-    common = {k: v for k, v in common.items() if v is not None}
-    return {
-        "storage": StorageResource(kind="s3", bucket=bucket, prefix=prefix, **common),
-        "io_manager": S3ObjectStoreIOManager(kind="s3", bucket=bucket, prefix=_join(prefix, ASSETS_PREFIX), **common),
-    }
-
-
-def _join(prefix: str, sub: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/{sub}" if prefix else sub

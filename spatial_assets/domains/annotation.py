@@ -26,7 +26,7 @@ import yaml
 from anndata import AnnData
 from scipy import stats
 
-from spatial_assets.schema import CELL_TYPE, DOMAIN, SAMPLE_KEY, UNASSIGNED
+from spatial_assets.core.schema import CELL_TYPE, DOMAIN, SAMPLE_KEY, UNASSIGNED
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _minimal_adata(adata: AnnData, *, layer: str | None, use_raw: bool) -> AnnDa
 def _fallback_log_normalize(x: Any, target_sum: float = 1e4) -> Any:
     """log1p(target_sum-normalized) for integer/linear input; as-is when it already looks logged.
 
-    Only used until ``spatial_assets.normalization`` is importable.
+    Only used until ``spatial_assets.core.normalization`` is importable.
     """
     data = x.data if sp.issparse(x) else np.asarray(x)
     if data.size == 0:
@@ -204,7 +204,7 @@ def log_normalized_expression(
     """(matrix, var_names, how) with log1p-10k expression; signature scores assume log scale."""
     base = _minimal_adata(adata, layer=layer, use_raw=use_raw)
     try:
-        from spatial_assets.normalization import ensure_normalized
+        from spatial_assets.core.normalization import ensure_normalized
     except ImportError:  # pragma: no cover - only until the normalization module lands
         return _fallback_log_normalize(base.X), base.var_names, "fallback normalize_total+log1p"
     normalized = ensure_normalized(base, seed=seed)

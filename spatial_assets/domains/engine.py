@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from spatial_assets.schema import DOMAIN, SPATIAL_OBSM
-from spatial_assets.spatial import checked_coordinates
+from spatial_assets.core.schema import DOMAIN, SPATIAL_OBSM
+from spatial_assets.core.spatial import checked_coordinates
 
 DOMAIN_EMBEDDING_OBSM = "X_domain_embedding"
 DOMAINS_UNS = "domains"
@@ -37,7 +37,7 @@ MODEL_JSON = "domain_model.json"
 # name -> "module:Class"; imported only when asked for (Novae pulls in torch: slow and heavy)
 ENGINES: dict[str, str] = {
     "neighborhood": "spatial_assets.domains.neighborhood:NeighborhoodDomainEngine",
-    "novae": "spatial_assets.domains.novae_engine:NovaeDomainEngine",
+    "novae": "spatial_assets.domains.novae.engine:NovaeDomainEngine",
 }
 # Measured on STARmap mPFC (benchmarks/bench_starmap_domains.py) and the synthetic benchmark: the
 # neighbourhood engine wins offline; Novae trained from scratch collapses (see docs/domains.md).

@@ -87,7 +87,7 @@ class NeighborhoodParams:
 def _normalize(adata: AnnData, target_sum: float) -> AnnData:
     """log1p(counts per ``target_sum``): the project's ensure_normalized when available."""
     try:
-        from spatial_assets.normalization import ensure_normalized
+        from spatial_assets.core.normalization import ensure_normalized
     except ImportError:
         ensure_normalized = None
     if ensure_normalized is not None:

@@ -24,7 +24,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from spatial_assets.schema import DOMAIN, SPATIAL_OBSM
+from spatial_assets.core.schema import DOMAIN, SPATIAL_OBSM
 
 _LEVEL_RE = re.compile(r"^domain_level_(\d+)$")
 _MAX_PANELS = 48  # beyond this a grid is unreadable; extra panels are left out

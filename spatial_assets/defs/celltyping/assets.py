@@ -10,14 +10,14 @@ import anndata as ad
 import dagster as dg
 import pandas as pd
 
-from spatial_assets import schema
+from spatial_assets.core import schema
 from spatial_assets.defs.automation import downstream_of_checked, on_upstream_change
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.lineage import library_versions
-from spatial_assets.workflow import (
+from spatial_assets.core.lineage import library_versions
+from spatial_assets.platform.workflow import (
     annotate_sample,
     build_training_set,
     resolve_panel,
@@ -136,7 +136,7 @@ def cell_type_annotations(
 
 
 def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSettings) -> dict:
-    from spatial_assets.plots import write_celltyping_plots
+    from spatial_assets.celltyping.plots import write_celltyping_plots
 
     return write_celltyping_plots(annotated, out_dir, confidence_threshold=settings.confidence_threshold)
 

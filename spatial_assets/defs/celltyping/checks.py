@@ -5,8 +5,8 @@ import dagster as dg
 
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.normalization import detect_normalization
-from spatial_assets.validation import check_balanced_set, check_confidence_invariants
+from spatial_assets.core.normalization import detect_normalization
+from spatial_assets.platform.validation import check_balanced_set, check_confidence_invariants
 
 
 @dg.asset_check(

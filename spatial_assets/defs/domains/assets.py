@@ -12,15 +12,15 @@ from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.domains.platform import (
+from spatial_assets.platform.domains import (
     annotate_domains_with_signatures,
     fit_domain_model,
     mark_islands,
     pack_model,
     unpack_model,
 )
-from spatial_assets.lineage import library_versions
-from spatial_assets.stores import asset_key
+from spatial_assets.core.lineage import library_versions
+from spatial_assets.storage.stores import asset_key
 
 MODEL_KEY = asset_key("domain_model", None, ".zip")  # beside the .json record the IO manager writes
 

@@ -4,7 +4,7 @@ import anndata as ad
 import dagster as dg
 
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.validation import check_domains
+from spatial_assets.platform.validation import check_domains
 
 
 @dg.asset_check(

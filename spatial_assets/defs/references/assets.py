@@ -6,8 +6,8 @@ from spatial_assets.defs.partitions import references_partitions
 from spatial_assets.defs.plots import md_table
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.lineage import library_versions
-from spatial_assets.registry import describe_reference, entry_fingerprint, find_entry
+from spatial_assets.core.lineage import library_versions
+from spatial_assets.platform.registry import describe_reference, entry_fingerprint, find_entry
 
 
 @dg.asset(

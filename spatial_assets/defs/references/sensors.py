@@ -14,7 +14,7 @@ from spatial_assets.defs.partitions import references_partitions
 from spatial_assets.defs.references.assets import reference_atlas
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.registry import entry_fingerprint, read_manifest
+from spatial_assets.platform.registry import entry_fingerprint, read_manifest
 
 
 def _fingerprints(context, storage: StorageResource, settings: PlatformSettings) -> dict[str, str]:

@@ -11,9 +11,9 @@ import dagster as dg
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.lineage import library_versions
-from spatial_assets.registry import scan_landing
-from spatial_assets.spatial import prepare_spatial_cells
+from spatial_assets.core.lineage import library_versions
+from spatial_assets.platform.registry import scan_landing
+from spatial_assets.core.spatial import prepare_spatial_cells
 
 
 @dg.asset(

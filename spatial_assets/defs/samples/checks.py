@@ -4,8 +4,8 @@ import anndata as ad
 import dagster as dg
 
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.normalization import detect_normalization
-from spatial_assets.spatial import panel_genes
+from spatial_assets.core.normalization import detect_normalization
+from spatial_assets.core.spatial import panel_genes
 
 
 @dg.asset_check(

@@ -9,7 +9,7 @@ from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.samples.assets import spatial_cells
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.registry import scan_landing
+from spatial_assets.platform.registry import scan_landing
 
 
 @dg.sensor(

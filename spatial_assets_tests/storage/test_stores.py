@@ -1,0 +1,170 @@
+"""ObjectStore contract, run identically against a directory and the real SeaweedFS S3."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from spatial_assets.storage.objectstore import S3Settings
+from spatial_assets.storage.stores import InvalidKeyError, LocalStore, ObjectNotFoundError, ObjectStore, S3Store
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "root")
+    return request.getfixturevalue("s3_store")
+
+
+def _count_calls(client, operation: str) -> list[int]:
+    """Count real requests of one S3 operation (botocore's event hooks; nothing is replaced)."""
+    calls: list[int] = []
+    client.meta.events.register(f"before-call.s3.{operation}", lambda **kw: calls.append(1))
+    return calls
+
+
+def test_round_trip_info_list_delete(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    payload = os.urandom(3000)
+    src.write_bytes(payload)
+    info = store.put_file(src, "a/b/c.bin")
+    assert info.size == 3000 and info.key == "a/b/c.bin" and info.etag
+    assert store.get_file("a/b/c.bin").read_bytes() == payload
+    assert store.read_bytes("a/b/c.bin") == payload
+    store.write_bytes("a/b/d.json", b"{}")
+    store.write_bytes("a/bx.txt", b"x")
+    store.write_bytes("z.txt", b"zz")
+    assert store.exists("a/b/d.json") and not store.exists("a/b/nope")
+
+    assert [i.key for i in store.list()] == ["a/b/c.bin", "a/b/d.json", "a/bx.txt", "z.txt"]
+    assert [i.key for i in store.list("a/b/")] == ["a/b/c.bin", "a/b/d.json"]
+    assert [i.key for i in store.list("a/b")] == ["a/b/c.bin", "a/b/d.json", "a/bx.txt"]  # S3 string-prefix semantics
+    assert [i.key for i in store.list("nothing/")] == []
+    sizes = {i.key: i.size for i in store.list("a/")}
+    assert sizes == {"a/b/c.bin": 3000, "a/b/d.json": 2, "a/bx.txt": 1}
+    assert store.info("z.txt").last_modified is not None
+
+    store.delete("a/b/c.bin")
+    store.delete("a/b/c.bin")  # idempotent
+    assert not store.exists("a/b/c.bin")
+    with pytest.raises(ObjectNotFoundError, match="c.bin"):
+        store.get_file("a/b/c.bin")
+    with pytest.raises(ObjectNotFoundError, match="c.bin"):
+        store.read_bytes("a/b/c.bin")
+    with pytest.raises(FileNotFoundError):  # ObjectNotFoundError is a FileNotFoundError
+        store.info("a/b/c.bin")
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/abs", "a//b", "a/./b", "", "a\\b", "trailing/"])
+def test_unsafe_keys_are_refused(store: ObjectStore, bad: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        store.write_bytes(bad, b"x")
+    with pytest.raises(ValueError):  # InvalidKeyError is a ValueError
+        store.uri(bad)
+
+
+def test_s3_keys_live_under_the_prefix(s3_store: S3Store, s3_settings: S3Settings) -> None:
+    s3_store.write_bytes("x/y.txt", b"1")
+    assert s3_store.uri("x/y.txt") == f"s3://{s3_store.bucket}/pfx/x/y.txt"
+    raw = s3_settings.client().list_objects_v2(Bucket=s3_store.bucket)
+    assert [o["Key"] for o in raw["Contents"]] == ["pfx/x/y.txt"]
+    # a sibling prefix is invisible to this store
+    s3_settings.client().put_object(Bucket=s3_store.bucket, Key="pfx2/other.txt", Body=b"2")
+    assert [i.key for i in s3_store.list()] == ["x/y.txt"]
+
+
+def test_s3_list_paginates(s3_settings: S3Settings, s3_bucket: str, s3_cache_dir: Path) -> None:
+    store = S3Store(s3_bucket, "p", s3_settings, cache_dir=s3_cache_dir, page_size=2)
+    keys = [f"k/{i:02d}" for i in range(7)]
+    for k in keys:
+        store.write_bytes(k, k.encode())
+    calls = _count_calls(store.client, "ListObjectsV2")
+    assert [i.key for i in store.list("k/")] == keys
+    assert len(calls) == 4  # ceil(7 / 2) pages: everything beyond the first page was fetched
+
+
+def test_failed_staged_write_leaves_nothing(store: ObjectStore) -> None:
+    store.write_bytes("out/value.bin", b"old")
+    with pytest.raises(RuntimeError, match="serialiser crashed"):
+        with store.staged("out/value.bin") as tmp:
+            tmp.write_bytes(b"half-writ")
+            raise RuntimeError("serialiser crashed")
+    assert store.read_bytes("out/value.bin") == b"old"  # previous version intact
+    with pytest.raises(RuntimeError):
+        with store.staged("out/new.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("serialiser crashed")
+    assert not store.exists("out/new.bin")
+    assert [i.key for i in store.list()] == ["out/value.bin"]  # no temp or partial objects visible
+    with store.staged("out/new.bin") as tmp:
+        tmp.write_bytes(b"complete")
+        assert [i.key for i in store.list()] == ["out/value.bin"]  # in flight: not visible yet
+    assert store.read_bytes("out/new.bin") == b"complete"
+
+
+def test_local_failed_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "root")
+    with pytest.raises(RuntimeError):
+        with store.staged("d/v.h5ad") as tmp:
+            tmp.write_bytes(b"x" * 100)
+            raise RuntimeError("boom")
+    assert [p.name for p in (tmp_path / "root" / "d").iterdir()] == []
+
+
+def test_interrupted_multipart_upload_leaves_no_object(s3_store: S3Store, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(40 * MB))  # 3 parts of 16 MB
+    parts = _count_calls(s3_store.client, "UploadPart")
+
+    def cut_connection(**kwargs):
+        if len(parts) >= 2:
+            raise ConnectionError("network cut during part upload")
+
+    s3_store.client.meta.events.register("before-call.s3.UploadPart", cut_connection)
+    with pytest.raises(Exception, match="network cut"):
+        s3_store.put_file(src, "models/big.bin")
+    assert not s3_store.exists("models/big.bin")
+    assert s3_store.list() == []
+    uploads = s3_store.client.list_multipart_uploads(Bucket=s3_store.bucket).get("Uploads", [])
+    assert uploads == []  # boto3 aborted the multipart upload: no orphaned parts either
+
+
+def test_large_upload_is_multipart(s3_store: S3Store, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(20 * MB + 123))
+    parts = _count_calls(s3_store.client, "UploadPart")
+    info = s3_store.put_file(src, "big.bin")
+    assert len(parts) == 2  # 16 MB parts
+    assert info.etag.endswith("-2")  # S3's multipart ETag: md5-of-part-md5s + '-<parts>'
+    assert info.size == 20 * MB + 123
+    assert hashlib.sha256(s3_store.get_file("big.bin").read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    small = s3_store.write_bytes("small.bin", b"abc")
+    assert small.etag == hashlib.md5(b"abc").hexdigest()  # single PUT: plain md5
+
+
+def test_etag_cache_downloads_once_and_refetches_changed_objects(s3_store: S3Store, s3_cache_dir: Path) -> None:
+    s3_store.write_bytes("cached/obj.bin", b"version-1")
+    gets = _count_calls(s3_store.client, "GetObject")
+    p1 = s3_store.get_file("cached/obj.bin")
+    assert p1.read_bytes() == b"version-1" and len(gets) == 1
+    assert s3_cache_dir in p1.parents
+    mtime = p1.stat().st_mtime_ns
+    p1b = s3_store.get_file("cached/obj.bin")
+    assert p1b == p1 and len(gets) == 1  # no second download
+    assert p1.stat().st_mtime_ns == mtime
+    s3_store.write_bytes("cached/obj.bin", b"version-2")
+    p2 = s3_store.get_file("cached/obj.bin")
+    assert len(gets) == 2 and p2 != p1
+    assert p2.read_bytes() == b"version-2"
+
+
+def test_local_store_get_file_is_the_file_itself(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.write_bytes("x/y.bin", b"1")
+    assert store.get_file("x/y.bin") == (tmp_path / "x" / "y.bin").resolve()
+    assert store.uri("x/y.bin") == str((tmp_path / "x" / "y.bin").resolve())
