@@ -6,6 +6,11 @@ in ``layers`` or ``.raw``, log1p of counts-per-10k, log1p CPM, z-scores, and lin
 (MERFISH). So the state is measured from the data, never trusted from metadata, and anything that
 cannot be turned into log1p-10k faithfully is refused with a message that says what was seen.
 
+This is the one place the scale is detected and log1p-10k applied: cell typing uses
+:func:`ensure_normalized` / :func:`plan_normalization`; the domain engines, domain annotation, the Novae
+engine and the plots use :func:`log_normalized` / :func:`log_normalized_columns` (same detection, the
+matrix only). Nobody else re-implements an "already logged?" test.
+
 Detection only ever reads a random subset of rows, in bounded blocks, so it is cheap on large and
 on backed (h5py / anndata sparse dataset) matrices and never densifies the whole matrix.
 """
@@ -593,6 +598,13 @@ class NormalizationPlan:
         owned = not (sp.issparse(self.matrix) and np.may_share_memory(block.data, self.matrix.data))
         return sp.csr_matrix(_normalize_matrix(block, self.method, self.target_sum, inplace=owned))
 
+    def normalized(self) -> np.ndarray | sp.csr_matrix:
+        """All rows over the planned genes, as new float32 memory (dense input stays dense)."""
+        matrix = _as_matrix(self.matrix)
+        if self.cols is not None:
+            matrix = matrix[:, self.cols]
+        return _normalize_matrix(matrix, self.method, self.target_sum)
+
     def record(self) -> dict[str, Any]:
         """The ``uns['normalization']`` record :func:`ensure_normalized` would write."""
         return {
@@ -656,3 +668,51 @@ def plan_normalization(
         if sp.issparse(matrix) and matrix.format != "csr":
             matrix = sp.csr_matrix(matrix)
     return NormalizationPlan(status=status, method=method, target_sum=float(target_sum), matrix=matrix, cols=mcols)
+
+
+# --------------------------------------------------------------------------------------------
+# one entry point for every consumer that needs log expression (plots, domains, annotation, Novae)
+
+
+def log_normalized(
+    adata: AnnData,
+    genes: Sequence[str] | None = None,
+    *,
+    target_sum: float = 1e4,
+    unsafe_force: bool = False,
+    seed: int = 0,
+    n_sample: int = 10_000,
+) -> tuple[np.ndarray | sp.csr_matrix, dict[str, Any]]:
+    """(log1p(counts per ``target_sum``) as a new float32 matrix, the ``uns['normalization']`` record).
+
+    The matrix only, without building a new AnnData: what the domain engines, domain annotation,
+    the Novae engine and the plots need. Detection, preferences (raw counts in layers / ``.raw`` / X,
+    then log1p-10k X, then linear X) and refusals are those of :func:`ensure_normalized`; ``genes``
+    restricts (and orders) the output *and* the library size to those genes, as in
+    :func:`plan_normalization`. Sparse input stays sparse, dense stays dense.
+    """
+    plan = plan_normalization(adata, genes, target_sum=target_sum, unsafe_force=unsafe_force, seed=seed, n_sample=n_sample)
+    return plan.normalized(), plan.record()
+
+
+def log_normalized_columns(
+    adata: AnnData,
+    columns: Sequence[int] | np.ndarray,
+    *,
+    target_sum: float = 1e4,
+    unsafe_force: bool = False,
+    seed: int = 0,
+    block_rows: int = 20_000,
+) -> np.ndarray:
+    """Dense float64 (n_obs, len(columns)) log1p-``target_sum`` of a few genes, library over all genes.
+
+    For figures of a handful of genes on a large object: rows are normalised block by block, so the
+    normalised matrix never exists in full and only the requested columns are densified.
+    """
+    plan = plan_normalization(adata, target_sum=target_sum, unsafe_force=unsafe_force, seed=seed)
+    idx = np.asarray(columns, dtype=np.int64)
+    out = np.empty((plan.n_obs, idx.size), dtype=np.float64)
+    for start in range(0, plan.n_obs, block_rows):
+        stop = min(start + block_rows, plan.n_obs)
+        out[start:stop] = plan.rows(start, stop)[:, idx].toarray()
+    return out

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.cluster import KMeans
 
+from spatial_assets.core.normalization import NormalizationError, log_normalized
 from spatial_assets.domains.engine import (
     DOMAIN,
     DOMAIN_EMBEDDING_OBSM,
@@ -84,26 +85,13 @@ class NeighborhoodParams:
             raise DomainInputError(f"smooth_rounds must be >= 0, got {self.smooth_rounds}")
 
 
-def _normalize(adata: AnnData, target_sum: float) -> AnnData:
-    """log1p(counts per ``target_sum``): the project's ensure_normalized when available."""
+def _log_expression(adata: AnnData, target_sum: float, name: str) -> Any:
+    """log1p(counts per ``target_sum``) over all genes of ``adata`` (core.normalization decides how)."""
     try:
-        from spatial_assets.core.normalization import ensure_normalized
-    except ImportError:
-        ensure_normalized = None
-    if ensure_normalized is not None:
-        # only what normalization needs (X and the count sources), not the caller's obsm/obsp copies
-        layers = {k: adata.layers[k] for k in ("counts", "raw_counts", "raw") if k in adata.layers}
-        light = AnnData(X=adata.X, var=pd.DataFrame(index=adata.var_names), layers=layers)
-        light.obs_names = adata.obs_names
-        if adata.raw is not None:
-            light.raw = adata.raw.to_adata()
-        return ensure_normalized(light, target_sum=target_sum)
-    import scanpy as sc
-
-    out = AnnData(X=adata.X.copy(), obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    sc.pp.log1p(out)
-    return out
+        x, _ = log_normalized(adata, target_sum=target_sum)
+    except NormalizationError as exc:
+        raise DomainInputError(f"{name}: {exc}") from exc
+    return x
 
 
 def _as_csr(x: Any) -> sp.csr_matrix | np.ndarray:
@@ -196,9 +184,9 @@ class NeighborhoodDomainModel:
                 f"(e.g. {missing[:10]}); the model was fitted on a different panel"
             )
         _check_matrix(adata.X, name)
-        norm = _normalize(adata, self.params.target_sum)
+        norm = _log_expression(adata, self.params.target_sum, name)
         take = adata.var_names.get_indexer([g for g in self.genes if g not in set(missing)])
-        x = _as_csr(norm.X[:, take])
+        x = _as_csr(norm[:, take])
         if missing:  # a missing gene is set to the model mean: it then contributes nothing
             full = np.zeros((adata.n_obs, len(self.genes)))
             cols = np.flatnonzero(present)
@@ -416,9 +404,9 @@ class NeighborhoodDomainEngine:
         if not genes:
             raise DomainInputError(f"the inputs share no gene names ({', '.join(names)})")
         mats = []
-        for a in adatas:
-            norm = _normalize(a, p.target_sum)
-            mats.append(_as_csr(norm.X[:, norm.var_names.get_indexer(genes)]))
+        for a, nm in zip(adatas, names):
+            norm = _log_expression(a, p.target_sum, nm)
+            mats.append(_as_csr(norm[:, a.var_names.get_indexer(genes)]))
             del norm
         mean, var, n = _gene_stats(mats)
         if len(genes) > p.max_genes:  # whole-transcriptome input: keep the most variable genes

@@ -330,3 +330,63 @@ def test_keep_counts_false_drops_the_counts_copy() -> None:
     out = ensure_normalized(a, keep_counts=False)
     assert "counts" not in out.layers
     np.testing.assert_allclose(out.X.toarray(), ensure_normalized(a).X.toarray())
+
+
+# ------------------------------------------------------------------ the one entry point for consumers
+
+
+@pytest.mark.parametrize("state", ["raw_X", "counts_layer_log_X", "log1p_10k", "linear", "dense_raw"])
+def test_log_normalized_equals_ensure_normalized_in_every_usable_state(state: str) -> None:
+    """Domains, domain annotation, Novae and plots all call log_normalized: it must be exactly the
+    matrix ensure_normalized puts in X, whatever state the input is in, and leave the input alone."""
+    from spatial_assets.core.normalization import log_normalized
+
+    a = synthetic_counts(seed=5)
+    counts = a.X.copy()
+    if state == "counts_layer_log_X":
+        a.layers["counts"] = counts.copy()
+        a.X = log1p_scaled(counts, 1e4).astype(np.float32)
+    elif state == "log1p_10k":
+        a.X = log1p_scaled(counts, 1e4).astype(np.float32)
+    elif state == "linear":
+        a.X = sp.csr_matrix(counts.multiply(1.0 / np.random.default_rng(1).uniform(50, 200, (a.n_obs, 1))), dtype=np.float32)
+    elif state == "dense_raw":
+        a.X = counts.toarray()
+    before = a.X.copy()
+    x, record = log_normalized(a)
+    ref = ensure_normalized(a)
+    assert record == ref.uns["normalization"]
+    assert sp.issparse(x) == sp.issparse(ref.X) and x.dtype == np.float32
+    dense = lambda m: m.toarray() if sp.issparse(m) else m  # noqa: E731
+    np.testing.assert_allclose(dense(x), dense(ref.X), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(dense(a.X), dense(before))
+    if state in ("log1p_10k", "linear"):
+        return  # a 3-gene subset of already-scaled data has no recognisable scale of its own
+    # a gene subset of counts is normalised over that subset, in the order asked for
+    pick = ["G9", "G2", "G40"]
+    sub, _ = log_normalized(a, pick)
+    np.testing.assert_allclose(dense(sub), dense(ensure_normalized(a[:, pick].copy()).X), rtol=1e-6, atol=1e-6)
+
+
+def test_log_normalized_refuses_what_ensure_normalized_refuses() -> None:
+    from spatial_assets.core.normalization import log_normalized
+
+    a = synthetic_counts(seed=6)
+    a.X = log1p_scaled(a.X, 1e6).astype(np.float32)  # log1p CPM, no counts anywhere
+    with pytest.raises(NormalizationError, match="log1p CPM"):
+        log_normalized(a)
+    x, record = log_normalized(a, unsafe_force=True)
+    assert record["method"] == "forced_rescaled_log1p"
+    np.testing.assert_allclose(expm1_row_sums(x)[1:], 1e4, rtol=1e-3)
+
+
+def test_log_normalized_columns_use_the_library_of_all_genes() -> None:
+    """Plots densify a few genes only; their values must be those of the full normalisation."""
+    from spatial_assets.core.normalization import log_normalized, log_normalized_columns
+
+    a = synthetic_counts(seed=7)
+    idx = np.array([5, 0, 77])
+    cols = log_normalized_columns(a, idx, block_rows=128)  # several row blocks
+    full, _ = log_normalized(a)
+    assert cols.shape == (a.n_obs, 3) and cols.dtype == np.float64
+    np.testing.assert_allclose(cols, full[:, idx].toarray(), rtol=1e-6, atol=1e-6)

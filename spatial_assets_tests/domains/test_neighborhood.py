@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -14,8 +12,6 @@ import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from spatial_assets.domains.engine import (
-    DEFAULT_ENGINE,
-    DomainEngine,
     DomainInputError,
     DomainModel,
     get_engine,
@@ -52,21 +48,6 @@ def test_starmap_layers_recovered_with_one_shared_model(starmap_slices: list[ad.
         assert o.obsm["X_domain_embedding"].shape == (o.n_obs, model.params.n_pcs)
         assert o.uns["domains"]["engine"] == "neighborhood"
     assert model.levels == [4, 6] and isinstance(model, DomainModel)
-
-
-def test_default_engine_is_neighborhood_and_protocols_hold() -> None:
-    assert DEFAULT_ENGINE == "neighborhood"
-    assert isinstance(get_engine("neighborhood"), DomainEngine)
-    with pytest.raises(ValueError, match="unknown domain engine"):
-        get_engine("nope")
-    with pytest.raises(ValueError, match="unknown neighborhood engine option"):
-        get_engine("neighborhood", lamda=0.3)
-
-
-def test_importing_domains_does_not_import_torch() -> None:
-    code = "import sys, spatial_assets.domains.engine, spatial_assets.domains.neighborhood; print('torch' in sys.modules, 'novae' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "False False"
 
 
 def test_spatial_information_is_what_finds_domains(synthetic: list[ad.AnnData]) -> None:
