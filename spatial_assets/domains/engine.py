@@ -235,6 +235,10 @@ def run_domains(
     if n_total < max(lv):
         raise DomainInputError(f"{n_total} cells in all inputs is fewer than the {max(lv)} domains asked for")
     engine = get_engine(method, **engine_config)
+    fit_assign = getattr(engine, "fit_assign", None)
+    if fit_assign is not None:  # same result as fit + assign, without computing the features twice
+        model, outs = fit_assign(adatas, levels=lv, n_domains=int(n_domains), seed=seed, sample_key=batch_key)
+        return outs, model
     model = engine.fit(adatas, levels=lv, n_domains=int(n_domains), seed=seed, sample_key=batch_key)
     return [model.assign(a, sample_key=batch_key) for a in adatas], model
 
