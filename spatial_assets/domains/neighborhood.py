@@ -199,6 +199,7 @@ def _library_target(
     if params.target_sum not in ("median", "auto"):
         target = float(params.target_sum)
         return target, {"source": "fixed", "target": target}, _normalised(adatas, names, genes, target)
+    # keyed by input position, not name: names are paths / URIs, and "/" cannot be an h5ad uns key
     sizes, per_input = [], {}
     for a, nm in zip(adatas, names):
         try:
@@ -206,7 +207,7 @@ def _library_target(
         except NormalizationError as exc:
             raise DomainInputError(f"{nm}: {exc}") from exc
         sizes.append(scale.sizes)
-        per_input[nm] = scale.record()
+        per_input[str(len(per_input))] = {"input": nm, **scale.record()}
     allsizes = np.concatenate(sizes)
     pos = allsizes[allsizes > 0]
     median = float(np.median(pos)) if pos.size else 1.0
@@ -755,7 +756,7 @@ class NeighborhoodDomainEngine:
             "n_genes": len(genes),
             "library_target": target_info,
             "gene_selection": selection,
-            "graph": {nm: info for nm, (_, info) in zip(names, graphs)},
+            "graph": {str(i): {"input": nm, **info} for i, (nm, (_, info)) in enumerate(zip(names, graphs))},
             "inertia": {},
         }
         # k-means on a seeded subsample beyond kmeans_sample cells: centroids of a few domains in 20

@@ -172,14 +172,25 @@ def test_spot_data_shipped_normalised_gets_the_domains_of_its_raw_counts() -> No
     a, ma = run_domains([raw], n_domains=4, seed=0, target_sum="median")
     b, mb = run_domains([norm], n_domains=4, seed=0, target_sum="median")
     assert mb.library_target == pytest.approx(ma.library_target, rel=1e-4)
-    assert mb.fit_stats["library_target"]["per_input"]["input #0"]["source"] == "recovered_counts"
+    assert mb.fit_stats["library_target"]["per_input"]["0"]["source"] == "recovered_counts"
     assert adjusted_rand_score(a[0].obs["domain"], b[0].obs["domain"]) > 0.99
     assert adjusted_rand_score(raw.obs["true_domain"], a[0].obs["domain"]) > 0.6
 
 
+def test_output_with_path_like_sample_names_writes_to_h5ad(synthetic: list[ad.AnnData], tmp_path: Path) -> None:
+    named = [s.copy() for s in synthetic]
+    for i, s in enumerate(named):
+        s.uns["source_path"] = f"s3://bucket/run/sample{i}.h5ad"
+    outs, _ = run_domains(named, n_domains=4, seed=0)
+    outs[0].write_h5ad(tmp_path / "o.h5ad")
+    back = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert back.uns["domains"]["fit_stats"]["graph"]["1"]["input"] == "s3://bucket/run/sample1.h5ad"
+    assert back.uns["domains"]["library_target"] == outs[0].uns["domains"]["library_target"]
+
+
 def test_whole_transcriptome_gene_selection_keeps_max_genes(synthetic: list[ad.AnnData]) -> None:
     for how in ("variance", "hvg", "svg", "hvg_svg"):
-        model = get_engine("neighborhood", max_genes=120, gene_selection=how).fit(synthetic, levels=[], n_domains=4, seed=0)
+        model = get_engine("neighborhood", max_genes=120, gene_selection=how, target_sum="median").fit(synthetic[:1], levels=[], n_domains=4, seed=0)
         assert len(model.genes) == 120 and model.fit_stats["gene_selection"]["method"] == how
     with pytest.raises(DomainInputError, match="gene_selection"):
         get_engine("neighborhood", gene_selection="random")
