@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from spatial_assets.core import schema
-from spatial_assets.celltyping.threshold import looks_log_transformed
+from spatial_assets.core.normalization import log_normalized, log_normalized_columns
 
 logger = logging.getLogger(__name__)
 
@@ -351,36 +351,22 @@ def _expressed_genes(adata: ad.AnnData) -> np.ndarray:
 
 
 def _log_matrix(adata: ad.AnnData):
-    """log1p of 10k-normalised expression, sparse-preserving; X is used as is if already log."""
-    X = adata.X
-    if X is None:
+    """log1p of 10k-normalised expression (core.normalization decides from what), sparse-preserving.
+
+    ``unsafe_force``: a plot is evidence, never a result, so a scale that annotation would refuse
+    is drawn as best it can be (and the forcing is logged) instead of losing the figure.
+    """
+    if adata.X is None:
         raise PlotInputError("adata.X is empty")
-    if looks_log_transformed(adata):
-        return X
-    if sp.issparse(X):
-        X = sp.csr_matrix(X, dtype=np.float64, copy=True)
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-        X = sp.diags(scale) @ X
-        X.data = np.log1p(X.data)
-        return X.tocsr()
-    X = np.asarray(X, dtype=np.float64)
-    totals = X.sum(axis=1, keepdims=True)
-    return np.log1p(np.divide(X * 1e4, totals, out=np.zeros_like(X), where=totals > 0))
+    X, _ = log_normalized(adata, unsafe_force=True)
+    return X
 
 
 def _log_expression_columns(adata: ad.AnnData, idx: np.ndarray) -> np.ndarray:
-    """Only the requested genes densified; normalisation uses full-row totals from the sparse X."""
-    X = adata.X
-    if X is None:
+    """Only the requested genes densified; normalisation uses full-row totals."""
+    if adata.X is None:
         raise PlotInputError("adata.X is empty")
-    sub = X[:, idx]
-    sub = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float64)
-    if looks_log_transformed(adata):
-        return sub
-    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-    return np.log1p(sub * scale[:, None])
+    return log_normalized_columns(adata, idx, unsafe_force=True)
 
 
 def _group_stats(adata: ad.AnnData, labels: np.ndarray):
