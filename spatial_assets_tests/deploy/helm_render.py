@@ -150,3 +150,43 @@ def render_instance(values: dict[str, Any], *, release: str = "spatial-assets", 
         raise ValueError(f"additionalInstanceConfig repeats keys the chart already renders: {sorted(clash)}")
     inst.update(extra)
     return inst
+
+
+def user_deployment(values: dict[str, Any], name: str) -> dict[str, Any]:
+    for d in values["dagster-user-deployments"]["deployments"]:
+        if d["name"] == name:
+            return d
+    raise KeyError(f"no user deployment {name!r} in the values")
+
+
+def user_deployment_image(values: dict[str, Any], name: str) -> str:
+    """``DAGSTER_CURRENT_IMAGE`` of the code server: the image every run and step pod uses."""
+    image = user_deployment(values, name)["image"]
+    return f"{image['repository']}:{image['tag']}"
+
+
+def user_deployment_container_context(
+    values: dict[str, Any], name: str, *, release: str = "spatial-assets", namespace: str = "spatial-assets"
+) -> dict[str, Any]:
+    """``DAGSTER_CLI_API_GRPC_CONTAINER_CONTEXT`` of the code server (``includeConfigInLaunchedRuns``),
+
+    as the user-deployments subchart's ``dagsterUserDeployments.k8sContainerContext`` helper renders it.
+    """
+    d = user_deployment(values, name)
+    if not (d.get("includeConfigInLaunchedRuns") or {}).get("enabled", True):
+        return {}
+    k8s: dict[str, Any] = {"image_pull_policy": d["image"]["pullPolicy"]}
+    if values.get("imagePullSecrets"):
+        k8s["image_pull_secrets"] = values["imagePullSecrets"]
+    k8s["env_config_maps"] = [f"{_fullname(release)}-{name}-user-env"] + [m["name"] for m in d.get("envConfigMaps") or [] if "name" in m]
+    if d.get("envSecrets"):
+        k8s["env_secrets"] = [s["name"] for s in d["envSecrets"] if "name" in s]
+    for key, dest in (("volumeMounts", "volume_mounts"), ("volumes", "volumes"), ("labels", "labels"),
+                      ("resources", "resources"), ("schedulerName", "scheduler_name")):
+        if d.get(key):
+            k8s[dest] = d[key]
+    k8s["namespace"] = namespace
+    k8s["service_account_name"] = values.get("global", {}).get("serviceAccountName") or f"{_fullname(release)}-user-deployments"
+    if isinstance(d.get("env"), list) and d["env"]:
+        k8s["env"] = d["env"]
+    return {"k8s": k8s}
