@@ -185,10 +185,10 @@ class PostgresServer:
         }
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT: abort sessions, clean exit), SIGKILL after 20 s; the temp dir is removed."""
+        """Immediate shutdown (SIGQUIT: no checkpoint, the data is throwaway), SIGKILL after 20 s; the temp dir is removed."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGQUIT)
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
