@@ -25,6 +25,7 @@ demo: setup
 	$(PY) -m spatial_assets.defs.demo
 
 test: setup
+	bash deploy/ensure_postgres.sh
 	SPATIAL_ASSETS_DEPLOYMENT=local $(VENV)/bin/dagster definitions validate -w workspace.yaml
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 

@@ -71,7 +71,7 @@ def test_checks_snapshot(tmp_path, monkeypatch):
 def test_sensors_schedule_and_automation(tmp_path, monkeypatch):
     monkeypatch.setenv("SPATIAL_ASSETS_HOME", str(tmp_path))
     defs = _defs(tmp_path)
-    assert {s.name for s in defs.sensors} == {"reference_manifest_sensor", "sample_landing_sensor"}
+    assert {s.name for s in defs.sensors} == {"reference_manifest_sensor", "sample_landing_sensor", "automation_sensor"}
     (schedule,) = defs.schedules
     assert schedule.cron_schedule == "0 2 * * *"
     graph = defs.resolve_asset_graph()

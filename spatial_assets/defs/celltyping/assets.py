@@ -12,6 +12,7 @@ import pandas as pd
 
 from spatial_assets.core import schema
 from spatial_assets.defs.automation import downstream_of_checked, on_upstream_change
+from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
@@ -42,6 +43,7 @@ from spatial_assets.platform.workflow import (
     ins={"reference_atlas": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
     group_name="celltyping",
     pool="heavy",
+    op_tags=op_tags_for("training_set"),
 )
 def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, storage: StorageResource, settings: PlatformSettings):
     panel, panel_source = resolve_panel(storage.get_store(), settings, context.instance.get_dynamic_partitions("samples"))
@@ -78,6 +80,7 @@ def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, stora
     automation_condition=on_upstream_change(),
     group_name="celltyping",
     pool="heavy",
+    op_tags=op_tags_for("celltype_model"),
     kinds={"celltypist"},
     description="Panel-specific CellTypist model (celltypist.models.Model.load-able) with its model card; sha256 verified before every load.",
 )
@@ -101,6 +104,7 @@ def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, 
     automation_condition=downstream_of_checked(),
     group_name="celltyping",
     pool="heavy",
+    op_tags=op_tags_for("cell_type_annotations"),
     kinds={"anndata", "celltypist"},
     description="Per-cell CellTypist calls with calibrated confidence, Unassigned below threshold, CL ids, and uns['provenance'].",
 )

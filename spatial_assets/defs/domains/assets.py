@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from spatial_assets.defs.automation import on_upstream_change
+from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
 from spatial_assets.defs.resources import StorageResource
@@ -36,6 +37,7 @@ def _engine_config(settings: PlatformSettings) -> dict:
     automation_condition=dg.AutomationCondition.on_missing(),
     group_name="domains",
     pool="heavy",
+    op_tags=op_tags_for("domain_model"),
     kinds={"numpy"},
     description="The shared domain model (one embedding for all samples, hierarchical levels), stored as npz+json in a zip with its sha256.",
 )
@@ -87,6 +89,7 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage
     automation_condition=on_upstream_change(),
     group_name="domains",
     pool="heavy",
+    op_tags=op_tags_for("spatial_domains"),
     kinds={"anndata"},
     description="Per-sample domains at every level (obs domain_level_{k}, obs domain) with domain-level cell-type calls (signature enrichment + elbow gap).",
 )
