@@ -6,16 +6,17 @@ OpenBLAS's second thread waits for a busy core on every product. This script mea
 (so the ratios compare like with like on the same machine state):
 
 * ``products``: one gradient evaluation's two products (``Z @ W.T`` and ``R.T @ Z``), median of reps;
-* ``fit``: :func:`train_model` end to end (its L-BFGS fits under ``FIT_BLAS_THREADS``);
+* ``fit``: :func:`train_model` end to end (its L-BFGS fits run under ``training.FIT_BLAS_THREADS``,
+  set here to 1 or 2);
 * ``annotate``: :func:`annotate` of the spatial sample (batch products are sparse, scipy, no BLAS;
-  the alignment's dense log-likelihood products are BLAS),
+  the alignment's dense log-likelihood products run under ``annotation.ALIGNMENT_BLAS_THREADS``),
 
 each with 1 and 2 BLAS threads (interleaved), first with no added load ("quiet": whatever else runs on
 the machine; the load average is printed), then with ``--busy`` competing processes spinning on
 the CPU. Printed ratios are time(2 threads) / time(1 thread): above 1 means the second thread hurts.
 
 Data: the synthetic cell-typing set of ``bench_synthetic_celltyping.py`` (references 14k + 6k
-cells, 20k spatial cells, 400-gene panel), generated in memory.
+cells, 20k spatial cells, 400-gene panel), generated into a temporary directory.
 Usage: .venv/bin/python benchmarks/bench_threads.py [--reps 3] [--busy 2]
 """
 
@@ -114,9 +115,20 @@ def _fit_fns(training: object) -> dict[int, Callable[[], object]]:
 
 
 def _annotate_fns(model: object, spatial: object) -> dict[int, Callable[[], object]]:
-    from spatial_assets.celltyping.annotation import annotate
+    from spatial_assets.celltyping import annotation
 
-    return {n: _with_threads(n, lambda: annotate(spatial, model, seed=0)) for n in THREADS}  # type: ignore[arg-type]
+    def run_with(n: int) -> Callable[[], object]:
+        def run() -> object:
+            saved = annotation.ALIGNMENT_BLAS_THREADS
+            annotation.ALIGNMENT_BLAS_THREADS = n
+            try:
+                return annotation.annotate(spatial, model, seed=0)  # type: ignore[arg-type]
+            finally:
+                annotation.ALIGNMENT_BLAS_THREADS = saved
+
+        return _with_threads(n, run)
+
+    return {n: run_with(n) for n in THREADS}
 
 
 def _start_busy(n: int) -> list[subprocess.Popen]:

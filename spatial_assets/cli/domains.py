@@ -52,6 +52,8 @@ def run_domains_command(args: argparse.Namespace) -> int:
     inputs: list[str] = list(args.spatial)
     outs = output_paths(inputs, args.out)
     levels = _parse_levels(args.levels)
+    if args.save_model and args.save_model.startswith("s3://"):
+        raise InputError(f"--save-model must be a local directory, got {args.save_model}")
 
     from spatial_assets.core.schema import DOMAIN
     from spatial_assets.core.spatial import check_unique_cell_ids

@@ -38,7 +38,7 @@ def check_unique_cell_ids(adata: ad.AnnData, source: str, *, error: type[ValueEr
     dup = names[names.duplicated()].unique()
     n_cells = int(names.isin(dup).sum())
     shown = ", ".join(repr(str(d)) for d in dup[:5]) + (", ..." if len(dup) > 5 else "")
-    raise error(f"{source}: {len(dup):,} duplicated cell ids in obs_names ({n_cells:,} cells), e.g. {shown}")
+    raise error(f"{source}: {len(dup):,} duplicate cell ids in obs_names ({n_cells:,} cells), e.g. {shown}")
 
 
 #: matrices checked for NaN/inf besides X: the raw-count sources normalization may read instead of X

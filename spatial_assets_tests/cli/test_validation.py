@@ -58,7 +58,7 @@ def test_domains_refuses_duplicate_cell_ids_as_celltype_does(tmp_path, capsys, p
     out_dir = tmp_path / "out"
     assert main(["domains", "--spatial", str(path), "--n-domains", "2", "--out", str(out_dir / "d.h5ad")]) == 2
     domains_message = _error(capsys.readouterr().err)
-    assert domains_message == f"{path}: 1 duplicated cell ids in obs_names (2 cells), e.g. {dup!r}"
+    assert domains_message == f"{path}: 1 duplicate cell ids in obs_names (2 cells), e.g. {dup!r}"
     assert not out_dir.exists()
     rc = main(["celltype", "--reference", str(poa_reference_path), "--label-column", "cell_type",
                "--spatial", str(path), "--out", str(out_dir / "a.h5ad")])  # fmt: skip

@@ -61,7 +61,7 @@ def test_duplicate_ids_name_the_ids_and_count_the_cells() -> None:
     a.obs_names = ["a", "b", "a", "c", "b", "a"]
     with pytest.raises(SpatialInputError) as err:
         check_unique_cell_ids(a, "s.h5ad")
-    assert str(err.value) == "s.h5ad: 2 duplicated cell ids in obs_names (5 cells), e.g. 'a', 'b'"
+    assert str(err.value) == "s.h5ad: 2 duplicate cell ids in obs_names (5 cells), e.g. 'a', 'b'"
 
     class Custom(ValueError):
         pass

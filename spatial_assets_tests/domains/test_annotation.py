@@ -32,22 +32,18 @@ from spatial_assets.domains.annotation import (
 )
 from spatial_assets.core.normalization import ensure_normalized
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-STARMAP = DATA / "mouse_mPFC_STARmap_Wang2018.h5ad"
-MERFISH = DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad"
-PBMC = DATA / "human_PBMC3k_400genes_seurat_labels.h5ad"
+@pytest.fixture()
+def starmap(load_starmap) -> ad.AnnData:
+    """STARmap mPFC, a fresh copy per test."""
+    return load_starmap()
 
 
 @pytest.fixture(scope="module")
-def starmap() -> ad.AnnData:
-    return ad.read_h5ad(STARMAP)
-
-
-@pytest.fixture(scope="module")
-def annotated(starmap: ad.AnnData) -> tuple[ad.AnnData, pd.DataFrame]:
+def annotated(load_starmap) -> tuple[ad.AnnData, pd.DataFrame]:
+    """Domain annotation of STARmap by its layers (computed once per module; tests only read it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return annotate_domains(starmap, "mouse_brain", domain_key="layer")
+        return annotate_domains(load_starmap(), "mouse_brain", domain_key="layer")
 
 
 def _synthetic(seed: int = 0) -> ad.AnnData:
@@ -74,11 +70,11 @@ SYN_SIGNATURES = {t: [f"{t}{i}" for i in range(5)] for t in "ABCD"}
 # ------------------------------------------------------------------ signatures
 
 
-def test_bundled_signatures_cover_panels() -> None:
+def test_bundled_signatures_cover_panels(load_starmap, load_merfish, load_pbmc) -> None:
     mouse = load_signatures("mouse_brain")
     assert all(len(g) > 0 and all(isinstance(x, str) for x in g) for g in mouse.values())
-    star = set(ad.read_h5ad(STARMAP, backed="r").var_names)
-    merf = set(ad.read_h5ad(MERFISH, backed="r").var_names)
+    star = set(load_starmap().var_names)
+    merf = set(load_merfish().var_names)
     covered_star = {k for k, g in mouse.items() if star & set(g)}
     covered_merf = {k for k, g in mouse.items() if merf & set(g)}
     # the cell classes each panel was designed to resolve
@@ -87,7 +83,7 @@ def test_bundled_signatures_cover_panels() -> None:
     assert {"Excitatory neurons", "Inhibitory neurons", "Astrocytes", "Oligodendrocytes", "OPC",
             "Microglia", "Endothelial", "Mural cells", "Ependymal"} <= covered_merf
     human = load_signatures(bundled_signatures_path("human_immune"))
-    pbmc = set(ad.read_h5ad(PBMC, backed="r").var_names)
+    pbmc = set(load_pbmc().var_names)
     covered = {k for k, g in human.items() if pbmc & set(g)}
     assert {"B cells", "NK cells", "Classical monocytes", "Non-classical monocytes",
             "Platelets", "Dendritic cells"} <= covered
@@ -415,10 +411,10 @@ def test_domain_marker_genes_on_starmap(starmap: ad.AnnData) -> None:
                                                                n_genes=8))
 
 
-def test_merfish_author_classes_get_matching_signatures() -> None:
+def test_merfish_author_classes_get_matching_signatures(load_merfish) -> None:
     """Second panel and technology (MERFISH POA, linear non-integer X): grouping cells by the
     authors' classes as 'domains', each class must be called by its own canonical signature."""
-    a = ad.read_h5ad(MERFISH)
+    a = load_merfish()
     a = a[:, ~a.var["is_blank"].to_numpy()].copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
