@@ -44,9 +44,9 @@ MODEL_FORMAT = "spatial_assets.celltypist-lr/1"
 DEFAULT_REG_PATH: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 _PICKLE_PROTOCOL = 4
 #: BLAS threads for the L-BFGS fit. Its two products per iteration are small (cells x genes x
-#: classes, float32) and a second thread does not pay for its synchronisation, and on shared cores
-#: it is much slower (OpenBLAS threads spin while waiting for a busy core): see docs/celltyping.md
-#: "Threads" and benchmarks/bench_threads.py.
+#: classes, float32): a second thread does not repay its synchronisation, and with the cores shared
+#: the fit was measured 5-10x slower with 2 threads than with 1 (docs/celltyping.md "Threads",
+#: benchmarks/bench_threads.py).
 FIT_BLAS_THREADS = 1
 # variance floor (in scaled units) for the class-conditional Gaussians used to score alignments:
 # sparse references often have genes never detected in a class (variance 0).
