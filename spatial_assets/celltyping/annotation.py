@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from threadpoolctl import threadpool_limits
 
 from spatial_assets.core import schema
 from spatial_assets.core.normalization import NormalizationPlan, plan_normalization
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 ALIGNMENTS = ("auto", "none", "recenter")
 N_LOGLIK_CELLS = 5_000
+#: BLAS threads for the alignment's dense log-likelihood products (the only BLAS work here: batch
+#: scores are scipy sparse products). They are at most N_LOGLIK_CELLS rows whatever the query size,
+#: too small for a second thread to pay off; measured in benchmarks/bench_threads.py (docs/celltyping.md).
+ALIGNMENT_BLAS_THREADS = 1
 METHOD = "panel logistic regression (sklearn lbfgs, celltypist layout) + composition-aware query alignment"
 
 
@@ -213,8 +218,9 @@ def _fit_alignment(
         return a, b_own + offset, info
     m = min(len(rows), N_LOGLIK_CELLS)  # the mean log-likelihood is stable on a few thousand cells
     D = Xs[:m].toarray().astype(np.float64)
-    ll_none = _mixture_loglik(D * lin.a_ref + lin.b_ref, means, model.class_vars)
-    ll_rec = _mixture_loglik(D * a + (b_own + offset), means, model.class_vars)
+    with threadpool_limits(limits=ALIGNMENT_BLAS_THREADS, user_api="blas"):
+        ll_none = _mixture_loglik(D * lin.a_ref + lin.b_ref, means, model.class_vars)
+        ll_rec = _mixture_loglik(D * a + (b_own + offset), means, model.class_vars)
     chosen = "recenter" if ll_rec > ll_none else "none"
     info.update({"alignment": chosen, "loglik_none": ll_none, "loglik_recenter": ll_rec})
     return (a, b_own + offset, info) if chosen == "recenter" else (lin.a_ref, lin.b_ref, info)

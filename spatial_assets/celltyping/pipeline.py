@@ -6,7 +6,7 @@ Also holds :func:`score_against_labels`, the scoring used against author labels 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +78,18 @@ def run_celltyping(
     min_cells_per_type: int = 10,
     alignment: str = "auto",
     spatial_name: str = "spatial",
+    progress: Callable[[str], None] | None = None,
 ) -> CellTypingResult:
-    """Train on the references over the spatial panel and annotate ``spatial`` (not modified)."""
+    """Train on the references over the spatial panel and annotate ``spatial`` (not modified).
+
+    ``progress`` (e.g. the CLI's progress printer) is called with one line before each long step.
+    """
+    say = progress or (lambda message: None)
     validate_spatial(spatial, spatial_name)
     panel = panel_genes(spatial)
     if not panel:
         raise SpatialInputError(f"{spatial_name}: no genes left after removing Blank control probes")
+    say(f"building training set from {len(references)} reference(s) over {len(panel):,} panel genes")
     training, mapping = build_training_set(
         references,
         panel,
@@ -94,7 +100,9 @@ def run_celltyping(
         min_cells_per_type=min_cells_per_type,
         seed=seed,
     )
+    say(f"training model on {training.n_obs:,} cells × {training.n_vars:,} genes")
     model = train_model(training, label_column=schema.CELL_TYPE, seed=seed)
+    say(f"annotating {spatial.n_obs:,} cells with {len(model.classes)} classes")
     annotated = annotate(
         spatial, model, confidence_threshold=confidence_threshold, alignment=alignment, seed=seed, name=spatial_name
     )

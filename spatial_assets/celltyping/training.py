@@ -34,6 +34,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from threadpoolctl import threadpool_limits
+
 from spatial_assets.core import schema
 from spatial_assets.storage.objectstore import sha256_file
 
@@ -41,6 +43,11 @@ MODEL_FORMAT = "spatial_assets.celltypist-lr/1"
 #: L2 penalty per cell of the averaged members (geometric, an order of magnitude around 0.14)
 DEFAULT_REG_PATH: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
 _PICKLE_PROTOCOL = 4
+#: BLAS threads for the L-BFGS fit. Its two products per iteration are small (cells x genes x
+#: classes, float32): a second thread does not repay its synchronisation, and with the cores shared
+#: the fit was measured 5-10x slower with 2 threads than with 1 (docs/celltyping.md "Threads",
+#: benchmarks/bench_threads.py).
+FIT_BLAS_THREADS = 1
 # variance floor (in scaled units) for the class-conditional Gaussians used to score alignments:
 # sparse references often have genes never detected in a class (variance 0).
 VAR_FLOOR = 0.05
@@ -225,13 +232,14 @@ def _fit_multinomial(
 
     theta0 = np.zeros(Kp * G + Kp) if init is None else init
     # sklearn's L-BFGS settings (linear_model._logistic / utils.optimize)
-    res = minimize(
-        fun,
-        theta0,
-        method="L-BFGS-B",
-        jac=True,
-        options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps},
-    )
+    with threadpool_limits(limits=FIT_BLAS_THREADS, user_api="blas"):
+        res = minimize(
+            fun,
+            theta0,
+            method="L-BFGS-B",
+            jac=True,
+            options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps},
+        )
     W = res.x[: Kp * G].reshape(Kp, G)
     return W, res.x[Kp * G :].copy(), int(res.nit)
 

@@ -24,15 +24,14 @@ from spatial_assets.celltyping.plots import (
     write_celltyping_plots,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MARKERS = {"OD Mature": ["Mbp", "Ermn", "Gjc3"], "Astrocyte": ["Aqp4", "Mlc1"], "Microglia": ["Selplg", "NotAGene"]}
 
 
-@pytest.fixture(scope="module")
-def annotated() -> ad.AnnData:
+@pytest.fixture()
+def annotated(load_merfish) -> ad.AnnData:
     """2,000 real cells; author classes as predictions, seeded Beta(5, 2) confidence, threshold 0.5."""
-    full = ad.read_h5ad(DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad")
+    full = load_merfish()
     rng = np.random.default_rng(0)
     adata = full[np.sort(rng.choice(full.n_obs, 2000, replace=False))].copy()
     adata = adata[adata.obs["Cell_class_major"].astype(str) != "Ambiguous"].copy()

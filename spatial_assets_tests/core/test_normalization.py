@@ -21,8 +21,6 @@ from spatial_assets.core.normalization import (
     is_count_matrix,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-
 
 def synthetic_counts(n_cells: int = 600, n_genes: int = 200, seed: int = 0) -> ad.AnnData:
     """Poisson counts with log-normal gene means and a 10× spread of library sizes."""
@@ -55,12 +53,9 @@ def expm1_row_sums(X) -> np.ndarray:
 # ------------------------------------------------------------------------- real data
 
 
-@pytest.mark.parametrize(
-    "fname",
-    ["mouse_POA_scRNA_ref_Moffitt2018.h5ad", "mouse_mPFC_STARmap_Wang2018.h5ad", "human_PBMC3k_400genes_seurat_labels.h5ad"],
-)
-def test_real_raw_count_datasets_are_raw(fname: str) -> None:
-    adata = ad.read_h5ad(DATA / fname)
+@pytest.mark.parametrize("loader", ["load_poa_reference", "load_starmap", "load_pbmc"])
+def test_real_raw_count_datasets_are_raw(loader: str, request: pytest.FixtureRequest) -> None:
+    adata = request.getfixturevalue(loader)()
     st = detect_normalization(adata)
     assert st.raw_source == "X"
     assert st.x_state == "raw"
@@ -72,8 +67,8 @@ def test_real_raw_count_datasets_are_raw(fname: str) -> None:
     assert st.n_sampled == min(10_000, adata.X.nnz)
 
 
-def test_real_merfish_per_volume_is_linear() -> None:
-    adata = ad.read_h5ad(DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad")
+def test_real_merfish_per_volume_is_linear(load_merfish) -> None:
+    adata = load_merfish()
     st = detect_normalization(adata)
     assert st.x_state == "linear"
     assert st.raw_source is None

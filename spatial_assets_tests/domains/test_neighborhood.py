@@ -21,12 +21,10 @@ from spatial_assets.domains.engine import (
 from spatial_assets.domains.neighborhood import NeighborhoodDomainModel
 from spatial_assets.domains.synthetic import make_synthetic_tissue, split_samples
 
-STARMAP = Path(__file__).resolve().parents[2] / "data" / "mouse_mPFC_STARmap_Wang2018.h5ad"
-
-
-@pytest.fixture(scope="module")
-def starmap_slices() -> list[ad.AnnData]:
-    a = ad.read_h5ad(STARMAP)
+@pytest.fixture()
+def starmap_slices(load_starmap) -> list[ad.AnnData]:
+    """The three STARmap slices, fresh copies per test."""
+    a = load_starmap()
     return [a[(a.obs["slice"] == s).to_numpy()].copy() for s in sorted(a.obs["slice"].unique())]
 
 

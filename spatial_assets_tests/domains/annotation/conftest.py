@@ -9,16 +9,17 @@ import pandas as pd
 import pytest
 
 from spatial_assets.domains.annotation import annotate_domains
-from spatial_assets_tests.domains.annotation.helpers import STARMAP
+
+
+@pytest.fixture()
+def starmap(load_starmap) -> ad.AnnData:
+    """STARmap mPFC, a fresh copy per test."""
+    return load_starmap()
 
 
 @pytest.fixture(scope="package")
-def starmap() -> ad.AnnData:
-    return ad.read_h5ad(STARMAP)
-
-
-@pytest.fixture(scope="package")
-def annotated(starmap: ad.AnnData) -> tuple[ad.AnnData, pd.DataFrame]:
+def annotated(load_starmap) -> tuple[ad.AnnData, pd.DataFrame]:
+    """Domain annotation of STARmap by its layers (computed once; tests only read it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return annotate_domains(starmap, "mouse_brain", domain_key="layer")
+        return annotate_domains(load_starmap(), "mouse_brain", domain_key="layer")

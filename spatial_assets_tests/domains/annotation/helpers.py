@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-DATA = Path(__file__).resolve().parents[3] / "data"
-STARMAP = DATA / "mouse_mPFC_STARmap_Wang2018.h5ad"
-MERFISH = DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad"
-PBMC = DATA / "human_PBMC3k_400genes_seurat_labels.h5ad"
 
 
 def _synthetic(seed: int = 0) -> ad.AnnData:

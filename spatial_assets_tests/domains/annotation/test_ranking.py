@@ -21,7 +21,7 @@ from spatial_assets.domains.annotation import (
     elbow_gap,
     rank_signatures_by_domain,
 )
-from spatial_assets_tests.domains.annotation.helpers import MERFISH, SYN_SIGNATURES, _synthetic
+from spatial_assets_tests.domains.annotation.helpers import SYN_SIGNATURES, _synthetic
 
 
 def test_ranking_pvalues_bh_and_scipy_agreement(annotated) -> None:
@@ -168,10 +168,10 @@ def test_annotation_is_deterministic(starmap: ad.AnnData, annotated) -> None:
     pd.testing.assert_frame_equal(first, second)
 
 
-def test_merfish_author_classes_get_matching_signatures() -> None:
+def test_merfish_author_classes_get_matching_signatures(load_merfish) -> None:
     """Second panel and technology (MERFISH POA, linear non-integer X): grouping cells by the
     authors' classes as 'domains', each class must be called by its own canonical signature."""
-    a = ad.read_h5ad(MERFISH)
+    a = load_merfish()
     a = a[:, ~a.var["is_blank"].to_numpy()].copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

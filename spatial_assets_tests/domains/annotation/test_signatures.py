@@ -20,14 +20,14 @@ from spatial_assets.domains.annotation import (
     load_signatures,
     score_signatures,
 )
-from spatial_assets_tests.domains.annotation.helpers import MERFISH, PBMC, STARMAP, SYN_SIGNATURES, _synthetic
+from spatial_assets_tests.domains.annotation.helpers import SYN_SIGNATURES, _synthetic
 
 
-def test_bundled_signatures_cover_panels() -> None:
+def test_bundled_signatures_cover_panels(load_starmap, load_merfish, load_pbmc) -> None:
     mouse = load_signatures("mouse_brain")
     assert all(len(g) > 0 and all(isinstance(x, str) for x in g) for g in mouse.values())
-    star = set(ad.read_h5ad(STARMAP, backed="r").var_names)
-    merf = set(ad.read_h5ad(MERFISH, backed="r").var_names)
+    star = set(load_starmap().var_names)
+    merf = set(load_merfish().var_names)
     covered_star = {k for k, g in mouse.items() if star & set(g)}
     covered_merf = {k for k, g in mouse.items() if merf & set(g)}
     # the cell classes each panel was designed to resolve
@@ -36,7 +36,7 @@ def test_bundled_signatures_cover_panels() -> None:
     assert {"Excitatory neurons", "Inhibitory neurons", "Astrocytes", "Oligodendrocytes", "OPC",
             "Microglia", "Endothelial", "Mural cells", "Ependymal"} <= covered_merf
     human = load_signatures(bundled_signatures_path("human_immune"))
-    pbmc = set(ad.read_h5ad(PBMC, backed="r").var_names)
+    pbmc = set(load_pbmc().var_names)
     covered = {k for k, g in human.items() if pbmc & set(g)}
     assert {"B cells", "NK cells", "Classical monocytes", "Non-classical monocytes",
             "Platelets", "Dendritic cells"} <= covered
