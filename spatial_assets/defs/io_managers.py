@@ -21,8 +21,10 @@ format         value type                     stored as
 =============  =============================  ========================================================
 h5ad           ``anndata.AnnData``            ``.h5ad``: written to a local temp file (h5py cannot
                                               write to an S3 object), then uploaded in parallel parts;
-                                              read from a cached parallel download
-parquet        ``pandas.DataFrame``           ``.parquet``, streamed (parts upload while it is written)
+                                              read while its parts download in parallel (into the
+                                              ETag cache: a second read is local)
+parquet        ``pandas.DataFrame``           ``.parquet``, streamed both ways (parts upload while it
+                                              is written; read as they download)
 json           ``dict`` / ``list``            ``.json`` (sorted keys: same value → same bytes → same sha256)
 model          ``training.TrainedModel``      ``.pkl`` + ``.pkl.card.json``; the card's sha256 is
                                               verified before unpickling
@@ -63,6 +65,7 @@ from upath import UPath
 from spatial_assets.core.ids import validate_id
 from spatial_assets.defs.plots import WithFigures, figure_markdown
 from spatial_assets.defs.resources import client_factory, s3_settings_of
+from spatial_assets.storage.objectstore import TRANSFER_CONCURRENCY, TRANSFER_PART_SIZE
 from spatial_assets.storage.stores import LocalStore, ObjectNotFoundError, ObjectStore, S3Store
 
 FORMATS: dict[str, str] = {"h5ad": ".h5ad", "parquet": ".parquet", "json": ".json", "model": ".pkl", "domain_model": ".zip"}
@@ -379,14 +382,20 @@ class AssetIOManager(dg.UPathIOManager):
             return json.loads(self.store.read_bytes(key))
         if fmt in ("model", "domain_model"):
             return self._read_with_card(key, fmt)
-        local = self.store.get_file(key)
         if fmt == "h5ad":
             import anndata as ad
 
-            return ad.read_h5ad(local)
+            return self._read_streaming(key, ad.read_h5ad)
         import pandas as pd
 
-        return pd.read_parquet(local)
+        return self._read_streaming(key, pd.read_parquet)
+
+    def _read_streaming(self, key: str, read: Any) -> Any:
+        """S3: read while the parts still download (h5py and pyarrow take file objects); local: the file."""
+        if isinstance(self.store, S3Store):
+            with self.store.open_read(key) as fh:
+                return read(fh)
+        return read(self.store.get_file(key))
 
     def _read_with_card(self, key: str, fmt: str) -> Any:
         card_key = key + CARD_SUFFIX
@@ -441,9 +450,18 @@ class S3AssetIOManager(dg.ConfigurableIOManagerFactory):
     s3_prefix: str = Field(default="assets", description="key prefix of asset values inside the bucket")
     cache_dir: str = Field(default="", description="local download cache (default $SPATIAL_ASSETS_HOME/cache)")
     h5ad_compression: Optional[str] = Field(default=None, description="h5py compression for h5ad (None: fastest)")
+    part_size_mb: int = Field(default=TRANSFER_PART_SIZE // 2**20, description="multipart part size (MiB)")
+    transfer_concurrency: int = Field(default=TRANSFER_CONCURRENCY, description="parts moved in parallel per transfer")
 
     def get_store(self) -> S3Store:
-        return S3Store(self.s3_bucket, self.s3_prefix, client_factory(self.s3_resource), cache_dir=self.cache_dir or None)
+        return S3Store(
+            self.s3_bucket,
+            self.s3_prefix,
+            client_factory(self.s3_resource),
+            cache_dir=self.cache_dir or None,
+            part_size=self.part_size_mb * 2**20,
+            concurrency=self.transfer_concurrency,
+        )
 
     def create_io_manager(self, context: Any) -> AssetIOManager:
         store = self.get_store()

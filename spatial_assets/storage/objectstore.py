@@ -195,6 +195,13 @@ def head(uri: str, settings: S3Settings | None = None, client: Any = None) -> di
     return {"uri": str(uri), "etag": f"{st.st_size}-{st.st_mtime_ns}", "size": int(st.st_size)}
 
 
+def cache_path(cache_dir: str | os.PathLike[str] | None, bucket: str, key: str, etag: str) -> Path:
+    """Where the download cache keeps one version (ETag) of ``s3://bucket/key``."""
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:16]
+    return cache_root / "s3" / digest / etag / Path(key).name
+
+
 def fetch_to_cache(
     uri: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str] | None = None,
@@ -215,9 +222,7 @@ def fetch_to_cache(
     bucket, key = parse_s3_uri(str(uri))
     client = client or (settings or S3Settings.from_env()).client()
     etag = head(str(uri), client=client)["etag"]
-    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    digest = hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:16]
-    target = cache_root / "s3" / digest / etag / Path(key).name
+    target = cache_path(cache_dir, bucket, key, etag)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from spatial_assets.storage.objectstore import (
     TRANSFER_CONCURRENCY,
     TRANSFER_PART_SIZE,
     S3Settings,
+    cache_path,
     content_type,
     fetch_to_cache,
     sha256_file,
@@ -142,6 +143,13 @@ class ObjectStore(ABC):
     @abstractmethod
     def get_file(self, key: str) -> Path:
         """A local path with the object's bytes (S3: a cached download; do not modify it)."""
+
+    def open_read(self, key: str) -> BinaryIO:
+        """A seekable binary file with the object's bytes, to hand to a reader that takes file objects.
+
+        S3 overrides this to stream: reading can start while the rest is still downloading.
+        """
+        return open(self.get_file(key), "rb")
 
     @abstractmethod
     def info(self, key: str) -> ObjectInfo:
@@ -487,6 +495,26 @@ class S3Store(ObjectStore):
                 raise ObjectNotFoundError(f"no object at {uri}") from exc
             raise
 
+    def open_read(self, key: str) -> BinaryIO:
+        """Stream the object: its parts download in parallel into the cache while the caller reads.
+
+        A read waits only for the parts it touches (parts asked for jump the queue, so a reader that
+        looks at the end first — HDF5, parquet footers — does not wait for the whole object). The
+        complete download becomes the ETag cache entry, so a second read is local. A cached
+        version is returned as a plain file.
+        """
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except Exception as exc:
+            if self._is_missing(exc):
+                raise ObjectNotFoundError(f"no object at {self.uri(key)}") from exc
+            raise
+        etag, size = head["ETag"].strip('"'), int(head["ContentLength"])
+        target = cache_path(self.cache_dir, self.bucket, self._full(key), etag)
+        if target.exists():
+            return open(target, "rb")
+        return _PrefetchReader(self, self._full(key), size=size, etag=head["ETag"], target=target)  # type: ignore[return-value]
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
@@ -612,3 +640,122 @@ class _S3Writer(AtomicWriter):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
+
+
+class _PrefetchReader(io.RawIOBase):
+    """A seekable file over an S3 object whose parts download in parallel into a local file.
+
+    ``concurrency`` workers fetch ``part_size`` ranges (the object's ETag pinned with If-Match, so
+    a concurrent overwrite fails the read instead of mixing versions) and write them at their
+    offset; :meth:`readinto` waits only for the parts it covers, asking for them first if no worker
+    has started them. :meth:`close` waits for the remaining parts and publishes the file as the
+    cache entry ``target``; on any error the partial file is removed.
+    """
+
+    def __init__(self, store: S3Store, full_key: str, *, size: int, etag: str, target: Path) -> None:
+        super().__init__()
+        self._store, self._key, self._etag, self.size, self._target = store, full_key, etag, size, target
+        self.name = f"s3://{store.bucket}/{full_key}"
+        self._part = max(1, store.part_size)
+        self._n = max(1, -(-size // self._part))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_PART_SUFFIX)
+        self._fd = fd
+        os.ftruncate(fd, size)
+        self._pos = 0
+        self._lock = threading.Lock()
+        self._done = [threading.Event() for _ in range(self._n)]
+        self._errors: dict[int, BaseException] = {}
+        self._started: set[int] = set()
+        self._asked: list[int] = []
+        self._next = 0
+        workers = max(1, min(store.concurrency, self._n))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-range")
+        for _ in range(workers):
+            self._pool.submit(self._work)
+
+    def _claim(self) -> int | None:
+        with self._lock:
+            while self._asked:
+                i = self._asked.pop()
+                if i not in self._started:
+                    self._started.add(i)
+                    return i
+            while self._next < self._n and self._next in self._started:
+                self._next += 1
+            if self._next >= self._n:
+                return None
+            self._started.add(self._next)
+            return self._next
+
+    def _work(self) -> None:
+        client = self._store.client
+        while (i := self._claim()) is not None:
+            start = i * self._part
+            end = min(self.size, start + self._part) - 1
+            try:
+                if self.size:
+                    body = client.get_object(
+                        Bucket=self._store.bucket, Key=self._key, Range=f"bytes={start}-{end}", IfMatch=self._etag
+                    )["Body"]
+                    offset = start
+                    for chunk in body.iter_chunks(1024 * 1024):
+                        offset += os.pwrite(self._fd, chunk, offset)
+                    if offset != end + 1:
+                        raise OSError(f"short read of {self.name} bytes {start}-{end}: got {offset - start}")
+            except BaseException as exc:  # surfaced by the reader that needs this part
+                self._errors[i] = exc
+            finally:
+                self._done[i].set()
+
+    def _wait(self, i: int) -> None:
+        if not self._done[i].is_set():
+            with self._lock:
+                if i not in self._started:
+                    self._asked.append(i)
+            self._done[i].wait()
+        if i in self._errors:
+            raise self._errors[i]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.size - self._pos)
+        if n <= 0:
+            return 0
+        for i in range(self._pos // self._part, (self._pos + n - 1) // self._part + 1):
+            self._wait(i)
+        got = os.preadv(self._fd, [view[:n]], self._pos)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._pool.shutdown(wait=True)  # the remaining parts: the cache entry must be complete
+            if self._errors:  # a reader that needed a failed part has raised already; just do not cache
+                log.warning("download of %s incomplete (%r): not cached", self.name, next(iter(self._errors.values())))
+            else:
+                os.close(self._fd)
+                self._fd = -1
+                os.replace(self._tmp, self._target)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            super().close()

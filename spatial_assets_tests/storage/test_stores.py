@@ -287,3 +287,39 @@ def test_symlink_escape_refused_for_writes(escape: tuple[LocalStore, Path], key:
 def test_list_skips_links_out_of_the_root(escape: tuple[LocalStore, Path]) -> None:
     store, _ = escape
     assert [i.key for i in store.list()] == ["alias.txt", "inner/ok.txt"]
+
+
+def test_streamed_read_serves_any_offset_and_fills_the_cache(s3_store: S3Store, s3_cache_dir: Path) -> None:
+    payload = os.urandom(3 * TRANSFER_PART_SIZE + 777)
+    s3_store.write_bytes("r/blob.bin", payload)
+    gets = _count_calls(s3_store.client, "GetObject")
+    with s3_store.open_read("r/blob.bin") as fh:
+        fh.seek(-100, os.SEEK_END)  # the end first, as HDF5 and parquet readers do
+        assert fh.read() == payload[-100:]
+        fh.seek(TRANSFER_PART_SIZE - 5)
+        assert fh.read(10) == payload[TRANSFER_PART_SIZE - 5 : TRANSFER_PART_SIZE + 5]  # across a part boundary
+        fh.seek(0)
+        assert fh.read() == payload
+    assert len(gets) == 4  # one ranged GET per part, none twice
+    cached = s3_store.get_file("r/blob.bin")
+    assert s3_cache_dir in cached.parents and cached.read_bytes() == payload and len(gets) == 4  # complete cache entry
+    with s3_store.open_read("r/blob.bin") as fh:  # warm: the cached file, no download
+        assert fh.read() == payload and len(gets) == 4
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no partial files left
+
+
+def test_streamed_read_of_a_changed_object_fails_instead_of_mixing_versions(s3_store: S3Store, s3_cache_dir: Path) -> None:
+    s3_store.write_bytes("r/v.bin", b"a" * (2 * TRANSFER_PART_SIZE))
+    swapped = []
+
+    def overwrite_once(**kwargs):
+        if not swapped:
+            swapped.append(1)
+            s3_store.client.put_object(Bucket=s3_store.bucket, Key="pfx/r/v.bin", Body=b"b" * (2 * TRANSFER_PART_SIZE))
+
+    s3_store.client.meta.events.register("before-call.s3.GetObject", overwrite_once)
+    with pytest.raises(Exception, match="PreconditionFailed|412"):
+        with s3_store.open_read("r/v.bin") as fh:
+            fh.read()
+    s3_store.client.meta.events.unregister("before-call.s3.GetObject", overwrite_once)
+    assert not any(p.is_file() for p in s3_cache_dir.rglob("*"))  # nothing cached from the mixed download
