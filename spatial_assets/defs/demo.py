@@ -151,25 +151,49 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
 
 
 def start_ui(port: int = UI_PORT) -> int:
-    """Run ``dagster dev`` until it exits (Ctrl-C reaches it too; we wait for its own clean shutdown)."""
+    """Run ``dagster dev`` until it exits; on Ctrl-C / SIGTERM shut it and everything it started down."""
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
     print("starting:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, cwd=REPO)
     try:
         return proc.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
+        return 130
+    finally:
+        stop_process_tree(proc)
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGINT (``dagster dev``'s own clean shutdown), then SIGTERM/SIGKILL, for it and its descendants.
+
+    The descendants (webserver, daemon, code servers) are collected first: once ``dagster dev`` is
+    gone they are orphans that nobody else would stop.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
         try:
-            return proc.wait(timeout=30)  # the terminal's SIGINT reached dagster dev as well
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.terminate()
-            return proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-            if proc.poll() is None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 @contextlib.contextmanager
