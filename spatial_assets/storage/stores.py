@@ -742,6 +742,11 @@ class _PrefetchReader(io.RawIOBase):
         self._pos += got
         return got
 
+    def readall(self) -> bytes:
+        out = bytearray(max(0, self.size - self._pos))
+        n = self.readinto(out) if out else 0
+        return bytes(out[:n])
+
     def close(self) -> None:
         if self.closed:
             return
