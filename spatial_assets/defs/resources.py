@@ -24,7 +24,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
-from spatial_assets.storage.deployment import StorageConfigError, local_s3_settings  # noqa: F401  (re-exported)
+from spatial_assets.storage.deployment import local_s3_settings
 from spatial_assets.storage.locations import check_allowed_uri, normalize_location
 from spatial_assets.storage.objectstore import TRANSFER_CONCURRENCY, S3Settings, with_content_types
 from spatial_assets.storage.stores import LocalStore, ObjectStore, S3Store
