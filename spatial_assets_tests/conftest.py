@@ -1,4 +1,5 @@
-"""Shared fixtures: one real SeaweedFS S3 server per test session, fresh buckets per test.
+"""Shared fixtures: one real SeaweedFS S3 server per test session (started here, explicitly: no
+resource starts a server), fresh buckets per test.
 
 The server is real (``weed mini`` on 127.0.0.1 with generated credentials), not a mock, so tests
 exercise signing, multipart uploads and ETags exactly as production S3 code paths do.
@@ -76,6 +77,19 @@ def s3_cache_dir(tmp_path: Path) -> Path:
 def s3_store(s3_settings: S3Settings, s3_bucket: str, s3_cache_dir: Path) -> S3Store:
     """An S3Store on the fresh bucket, under a prefix (so prefix handling is always exercised)."""
     return S3Store(s3_bucket, "pfx", s3_settings, cache_dir=s3_cache_dir)
+
+
+@pytest.fixture()
+def s3_resource(s3_settings: S3Settings):
+    """dagster-aws's S3Resource pointed at the session server (what the IO managers and storage take)."""
+    from dagster_aws.s3 import S3Resource
+
+    return S3Resource(
+        endpoint_url=s3_settings.endpoint_url,
+        aws_access_key_id=s3_settings.access_key_id,
+        aws_secret_access_key=s3_settings.secret_access_key,
+        region_name=s3_settings.region_name,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``make demo``: the whole platform on bundled real data, against a real local S3.
 
-1. starts the local SeaweedFS S3 (credentials generated on first start, anonymous refused),
+1. starts the local SeaweedFS S3 (credentials generated on first start, anonymous refused) unless
+   it is already running — and stops it again at the end if it started it,
 2. uploads the POA scRNA-seq reference and writes the references manifest,
 3. lands the two POA MERFISH slices (Moffitt 2018, Bregma 0.21 / 0.26) as two samples,
 4. registers the partitions with the same sensors the daemon runs, materializes every asset and
@@ -12,8 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,14 +151,80 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
 
 
 def start_ui(port: int = UI_PORT) -> int:
+    """Run ``dagster dev`` until it exits; on Ctrl-C / SIGTERM shut it and everything it started down."""
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
     print("starting:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=REPO)
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        return proc.wait()
+    except (KeyboardInterrupt, SystemExit):
+        return 130
+    finally:
+        stop_process_tree(proc)
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGINT (``dagster dev``'s own clean shutdown), then SIGTERM/SIGKILL, for it and its descendants.
+
+    The descendants (webserver, daemon, code servers) are collected first: once ``dagster dev`` is
+    gone they are orphans that nobody else would stop.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+@contextlib.contextmanager
+def local_s3_for_this_command():
+    """Start the deployment's bundled S3 (``local_s3``) unless it runs already; stop it on exit if we started it.
+
+    Exit includes Ctrl-C and SIGTERM (turned into SystemExit here so the clean-up runs). Other
+    deployments need no server: nothing happens.
+    """
+    from spatial_assets.storage import local_s3
+    from spatial_assets.storage.deployment import StorageSettings
+
+    settings = StorageSettings.from_env()
+    if settings.deployment != "local_s3":
+        yield None
+        return
+    started = local_s3.start(settings)
+    print(f"local S3: {started.settings.endpoint_url} ({'started' if started.started else 'already running'}; state {settings.state_dir})", flush=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield started
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if started.started:
+            local_s3.stop(settings)
+            print("local S3: stopped (it was started by this command; the data stays in the state dir)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spatial_assets.defs.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--ui-only", action="store_true", help="only start the local S3 and `dagster dev`")
+    parser.add_argument("--ui-only", action="store_true", help="only `dagster dev` (with the local S3 running; stopped on exit if started here)")
     parser.add_argument("--no-domains", action="store_true", help="skip the spatial-domain assets")
     parser.add_argument("--port", type=int, default=UI_PORT)
     args = parser.parse_args(argv)
@@ -163,17 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     # signature genes missing from a 134-gene panel are expected; they are recorded in the objects
     warnings.filterwarnings("ignore", message=r".*(signature genes absent|signatures dropped).*")
 
-    import dagster as dg
-
-    from spatial_assets.definitions import build_definitions
     from spatial_assets.defs.deployment import build_resources
     from spatial_assets.defs.settings import settings_from_env
 
-    resources = {**build_resources(), "settings": settings_from_env()}
-    store = resources["storage"].get_store()  # starts the local S3 if it is not running
-    print(f"storage: {store.uri(settings_from_env().manifest_key).rsplit('/', 2)[0]}/  (deployment {os.environ.get('SPATIAL_ASSETS_DEPLOYMENT', 'local_s3')})", flush=True)
-    if args.ui_only:
-        return start_ui(args.port)
+    with local_s3_for_this_command():
+        resources = {**build_resources(), "settings": settings_from_env()}
+        store = resources["storage"].get_store()
+        print(f"storage: {store.uri(settings_from_env().manifest_key).rsplit('/', 2)[0]}/  (deployment {os.environ.get('SPATIAL_ASSETS_DEPLOYMENT', 'local_s3')})", flush=True)
+        if args.ui_only:
+            return start_ui(args.port)
+        return run_demo(resources, store, args)
+
+
+def run_demo(resources: dict, store, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from spatial_assets.definitions import build_definitions
+
     t0 = time.perf_counter()
     settings = resources["settings"]
     sample_ids = stage_demo_data(store, settings.manifest_key, settings.landing_prefix)
@@ -191,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s.")
     print(f"Open the UI with `make ui`, then http://127.0.0.1:{args.port} (same instance: DAGSTER_HOME={os.environ['DAGSTER_HOME']}).")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,12 +12,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from spatial_assets.core.ids import InvalidIdError, validate_id
 from spatial_assets.platform.manifest import ManifestError, ReferenceEntry, parse_manifest
+from spatial_assets.storage.locations import check_allowed_uri
 from spatial_assets.storage.objectstore import S3Settings, fetch_to_cache, head, sha256_file
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,27 @@ def find_entry(store: Any, manifest_key: str, reference_id: str) -> ReferenceEnt
     )
 
 
-def entry_fingerprint(entry: ReferenceEntry, s3_settings: S3Settings | None = None) -> str:
-    """Changes when the file (ETag / size+mtime) or any field of the entry changes."""
+def entry_fingerprint(entry: ReferenceEntry, s3_settings: S3Settings | None = None, allowed: Sequence[str] | None = None) -> str:
+    """Changes when the file (ETag / size+mtime) or any field of the entry changes.
+
+    ``allowed``: the locations the entry may point at (refused with a clear error otherwise).
+    """
+    if allowed is not None:
+        check_allowed_uri(entry.uri, allowed)
     info = head(entry.uri, settings=s3_settings)
     payload = json.dumps({"entry": entry.to_dict(), "etag": info["etag"], "size": info["size"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def describe_reference(entry: ReferenceEntry, s3_settings: S3Settings | None = None, *, n_sample_rows: int = 5000) -> dict[str, Any]:
-    """Validate a reference file and return its record (hashes, shape, labels, normalization)."""
+def describe_reference(
+    entry: ReferenceEntry, s3_settings: S3Settings | None = None, *, allowed: Sequence[str] | None = None, n_sample_rows: int = 5000
+) -> dict[str, Any]:
+    """Validate a reference file and return its record (hashes, shape, labels, normalization).
+
+    ``allowed``: the locations the entry may point at; anything else is refused before it is read.
+    """
+    if allowed is not None:
+        check_allowed_uri(entry.uri, allowed)
     import anndata as ad
 
     from spatial_assets.core.normalization import detect_normalization

@@ -19,8 +19,10 @@ import pytest
 
 from spatial_assets.cli.audit import run_audit
 from spatial_assets.definitions import build_definitions
-from spatial_assets.defs.io_managers import S3ObjectStoreIOManager
-from spatial_assets.defs.resources import StorageResource
+from dagster_aws.s3 import S3Resource
+
+from spatial_assets.defs.io_managers import S3AssetIOManager
+from spatial_assets.defs.resources import S3StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.platform.manifest import ReferenceEntry, dump_manifest
 from spatial_assets.storage.seaweed import ensure_bucket
@@ -36,18 +38,18 @@ SAMPLES = ["poa_a", "poa_b"]
 
 class Platform:
     def __init__(self, s3_settings, bucket: str, cache_dir: Path):
-        creds = dict(
+        s3 = S3Resource(
             endpoint_url=s3_settings.endpoint_url,
             aws_access_key_id=s3_settings.access_key_id,
             aws_secret_access_key=s3_settings.secret_access_key,
             region_name=s3_settings.region_name,
-            cache_dir=str(cache_dir),
         )
-        self.storage = StorageResource(kind="s3", bucket=bucket, **creds)
+        self.storage = S3StorageResource(s3_resource=s3, bucket=bucket, cache_dir=str(cache_dir))
         self.settings = PlatformSettings(confidence_threshold=0.5, n_domains=4)
         self.resources = {
+            "s3": s3,
             "storage": self.storage,
-            "io_manager": S3ObjectStoreIOManager(kind="s3", bucket=bucket, prefix="assets", **creds),
+            "io_manager": S3AssetIOManager(s3_resource=s3, s3_bucket=bucket, s3_prefix="assets", cache_dir=str(cache_dir)),
             "settings": self.settings,
         }
         self.defs = build_definitions(self.resources)
@@ -165,8 +167,10 @@ def test_full_graph_on_s3(platform):
 
 def test_domains_as_partitioned_assets(platform):
     platform.materialize(["domain_model"])
-    record = json.loads(platform.store.read_bytes("assets/domain_model.json"))
-    assert record["fitted_on"] == SAMPLES and record["n_domains"] == 4
+    record = json.loads(platform.store.read_bytes("assets/domain_model.zip.card.json"))  # written by the IO manager
+    fitted = platform.instance.get_latest_materialization_event(dg.AssetKey("domain_model")).asset_materialization.metadata
+    assert fitted["fitted_on"].value == ", ".join(SAMPLES) and record["metadata"]["n_domains"] == 4
+    assert fitted["sha256"].value == record["sha256"]
     for sid in SAMPLES:
         result = platform.materialize(["spatial_domains", "domain_composition", "domain_markers"], sid)
         (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "domain_invariants"]

@@ -22,7 +22,9 @@ import dagster as dg
 
 from spatial_assets.definitions import build_definitions
 from spatial_assets.defs.deployment import build_resources
-from spatial_assets.defs.io_managers import LocalObjectStoreIOManager
+from upath import UPath
+
+from spatial_assets.defs.io_managers import AssetIOManager, LocalAssetIOManager
 from spatial_assets.defs.settings import settings_from_env
 
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
@@ -32,8 +34,10 @@ GATE_ENV = "SPATIAL_ASSETS_TEST_GATE"
 GATED_ASSET = dg.AssetKey("cell_type_annotations")
 
 
-class GatedIOManager(LocalObjectStoreIOManager):
-    gate_dir: str = ""
+class _GatedAssetIOManager(AssetIOManager):
+    def __init__(self, *args, gate_dir: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate_dir = gate_dir
 
     def handle_output(self, context: dg.OutputContext, obj) -> None:
         gate = Path(self.gate_dir) if self.gate_dir else None
@@ -44,10 +48,18 @@ class GatedIOManager(LocalObjectStoreIOManager):
         super().handle_output(context, obj)
 
 
+class GatedIOManager(LocalAssetIOManager):
+    gate_dir: str = ""
+
+    def create_io_manager(self, context) -> AssetIOManager:
+        store = self.get_store()
+        return _GatedAssetIOManager(UPath(str(store.root)), store, h5ad_compression=self.h5ad_compression, gate_dir=self.gate_dir)
+
+
 def _resources() -> dict:
     resources = {**build_resources("local"), "settings": settings_from_env()}
     io = resources["io_manager"]
-    resources["io_manager"] = GatedIOManager(root=io.root, prefix=io.prefix, gate_dir=os.environ.get(GATE_ENV, ""))
+    resources["io_manager"] = GatedIOManager(base_dir=io.base_dir, gate_dir=os.environ.get(GATE_ENV, ""))
     return resources
 
 

@@ -14,7 +14,8 @@ from spatial_assets.core import schema
 from spatial_assets.defs.automation import downstream_of_checked, on_upstream_change
 from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
+from spatial_assets.celltyping.training import TrainedModel
+from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.core.lineage import library_versions
@@ -84,7 +85,7 @@ def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, stora
     kinds={"celltypist"},
     description="Panel-specific CellTypist model (celltypist.models.Model.load-able) with its model card; sha256 verified before every load.",
 )
-def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, settings: PlatformSettings):
+def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, settings: PlatformSettings) -> TrainedModel:
     model = train_celltype_model(training_set, settings)
     context.add_output_metadata(
         {
@@ -111,10 +112,9 @@ def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, 
 def cell_type_annotations(
     context: dg.AssetExecutionContext,
     spatial_cells: ad.AnnData,
-    celltype_model,
-    storage: StorageResource,
+    celltype_model: TrainedModel,
     settings: PlatformSettings,
-) -> ad.AnnData:
+) -> WithFigures:
     annotated = annotate_sample(spatial_cells, celltype_model, settings, run_id=context.run.run_id, sample_id=context.partition_key)
     obs = annotated.obs
     unassigned = float((obs[schema.CELL_TYPE] == schema.UNASSIGNED).mean())
@@ -127,16 +127,9 @@ def cell_type_annotations(
         "provenance": dg.MetadataValue.json(annotated.uns[schema.PROVENANCE_UNS]),
         "cells_per_type": md_table(["cell type", "cells"], obs[schema.CELL_TYPE].value_counts().items()),
     }
-    metadata.update(
-        attach_plots(
-            storage.get_store(),
-            plots_prefix("cell_type_annotations", context.partition_key),
-            lambda out_dir: _celltyping_plots(annotated, out_dir, settings),
-            context.log,
-        )
-    )
     context.add_output_metadata(metadata)
-    return annotated
+    # the IO manager stores the PNGs beside the annotations (<sample>.plots/) with thumbnails in the metadata
+    return WithFigures(annotated, render_figures(lambda out_dir: _celltyping_plots(annotated, out_dir, settings), context.log))
 
 
 def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSettings) -> dict:

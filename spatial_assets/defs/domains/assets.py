@@ -1,6 +1,5 @@
 """Spatial domains: one shared model → per-sample domains → composition and markers."""
 
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -10,20 +9,15 @@ import pandas as pd
 from spatial_assets.defs.automation import on_upstream_change
 from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
-from spatial_assets.defs.resources import StorageResource
+from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.domains.engine import DomainModel
 from spatial_assets.platform.domains import (
     annotate_domains_with_signatures,
     fit_domain_model,
     mark_islands,
-    pack_model,
-    unpack_model,
 )
 from spatial_assets.core.lineage import library_versions
-from spatial_assets.storage.stores import asset_key
-
-MODEL_KEY = asset_key("domain_model", None, ".zip")  # beside the .json record the IO manager writes
 
 
 def _engine_config(settings: PlatformSettings) -> dict:
@@ -39,9 +33,9 @@ def _engine_config(settings: PlatformSettings) -> dict:
     pool="heavy",
     op_tags=op_tags_for("domain_model"),
     kinds={"numpy"},
-    description="The shared domain model (one embedding for all samples, hierarchical levels), stored as npz+json in a zip with its sha256.",
+    description="The shared domain model (one embedding for all samples, hierarchical levels), stored by the IO manager as npz+json in a zip with its sha256.",
 )
-def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage: StorageResource, settings: PlatformSettings) -> dict:
+def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, settings: PlatformSettings) -> DomainModel:
     samples = [spatial_cells[k] for k in sorted(spatial_cells)]
     model = fit_domain_model(
         samples,
@@ -51,37 +45,22 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage
         seed=settings.seed,
         engine_config=_engine_config(settings),
     )
-    store = storage.get_store()
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "model.zip"
-        sha = pack_model(model, archive)
-        store.put_file(archive, MODEL_KEY)
     meta = model.metadata()
-    record = {
-        "uri": store.uri(MODEL_KEY),
-        "key": MODEL_KEY,
-        "sha256": sha,
-        "engine": meta.get("engine", ""),
-        "levels": [int(k) for k in model.levels],
-        "n_domains": int(model.n_domains),
-        "fitted_on": sorted(spatial_cells),
-        "metadata": meta,
-    }
+    fitted_on = sorted(spatial_cells)
     context.add_output_metadata(
         {
-            "uri": record["uri"],
-            "sha256": sha,
-            "engine": record["engine"],
-            "levels": ", ".join(map(str, record["levels"])),
-            "fitted_on": ", ".join(record["fitted_on"]),
+            "engine": meta.get("engine", ""),
+            "levels": ", ".join(str(int(k)) for k in model.levels),
+            "n_domains": int(model.n_domains),
+            "fitted_on": ", ".join(fitted_on),
             "fitted_on_content_sha256": dg.MetadataValue.json(
-                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in sorted(spatial_cells)}
+                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in fitted_on}
             ),
             "model_metadata": dg.MetadataValue.json(meta),
             "library_versions": library_versions(),
         }
     )
-    return record
+    return model  # the IO manager packs it (zip + card with its sha256) and verifies it on load
 
 
 @dg.asset(
@@ -96,38 +75,33 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage
 def spatial_domains(
     context: dg.AssetExecutionContext,
     spatial_cells: ad.AnnData,
-    domain_model: dict,
-    storage: StorageResource,
+    domain_model: DomainModel,
     settings: PlatformSettings,
-) -> ad.AnnData:
-    store = storage.get_store()
-    model = unpack_model(store.get_file(domain_model["key"]), domain_model["sha256"])
-    assigned = mark_islands(model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
+) -> WithFigures:
+    model_sha256 = domain_model.sha256  # set by the IO manager after verifying the stored zip
+    assigned = mark_islands(domain_model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
     annotated, assignment = annotate_domains_with_signatures(assigned, settings.domain_signatures)
-    annotated.uns["domain_model_sha256"] = domain_model["sha256"]
+    annotated.uns["domain_model_sha256"] = model_sha256
     counts = annotated.obs["domain"].value_counts()
     calls = dict(zip(assignment["domain"], assignment["assigned_cell_types"]))
     metadata = {
         "n_cells": annotated.n_obs,
         "n_island_cells": int(annotated.obs["is_island"].sum()),
-        "engine": domain_model["engine"],
-        "domain_model_sha256": domain_model["sha256"],
+        "engine": domain_model.metadata().get("engine", ""),
+        "domain_model_sha256": model_sha256,
         "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
         "signatures_scored": len(annotated.uns["signature_scoring"]["signatures"]),
         "signature_genes_used": int(len(annotated.uns["signature_scoring"]["genes_used"])),
         "signature_genes_missing_from_panel": int(len(annotated.uns["signature_scoring"]["missing_genes"])),
         "parameters": dg.MetadataValue.json(
             {"signatures": settings.domain_signatures, "island_min_size": settings.island_min_size,
-             "exclude_islands": settings.exclude_islands, "levels": domain_model["levels"]}
+             "exclude_islands": settings.exclude_islands, "levels": [int(k) for k in domain_model.levels]}
         ),
         "library_versions": library_versions(),
         "domains": md_table(["domain", "cells", "domain-level call"], ((d, n, calls.get(d, "")) for d, n in counts.items())),
     }
-    metadata.update(
-        attach_plots(store, plots_prefix("spatial_domains", context.partition_key), lambda d: _domain_plots(annotated, assignment, d), context.log)
-    )
     context.add_output_metadata(metadata)
-    return annotated
+    return WithFigures(annotated, render_figures(lambda d: _domain_plots(annotated, assignment, d), context.log))
 
 
 def _domain_plots(adata: ad.AnnData, assignment: pd.DataFrame, out_dir: Path) -> dict:
@@ -152,8 +126,7 @@ def domain_composition(
     context: dg.AssetExecutionContext,
     spatial_domains: ad.AnnData,
     cell_type_annotations: ad.AnnData,
-    storage: StorageResource,
-) -> pd.DataFrame:
+) -> WithFigures:
     from spatial_assets.domains.annotation import domain_composition as compose
 
     merged = spatial_domains.copy()
@@ -166,9 +139,8 @@ def domain_composition(
 
         return {"proportions": plots.plot_domain_proportions(table, out_dir / "proportions.png")}
 
-    meta.update(attach_plots(storage.get_store(), plots_prefix("domain_composition", context.partition_key), _plot, context.log))
     context.add_output_metadata(meta)
-    return table
+    return WithFigures(table, render_figures(_plot, context.log))
 
 
 @dg.asset(

@@ -23,8 +23,8 @@ from spatial_assets.platform.registry import describe_reference, entry_fingerpri
 def reference_atlas(context: dg.AssetExecutionContext, storage: StorageResource, settings: PlatformSettings) -> dict:
     store = storage.get_store()
     entry = find_entry(store, settings.manifest_key, context.partition_key)
-    fingerprint = entry_fingerprint(entry, s3_settings=storage.s3_settings())
-    record = describe_reference(entry, s3_settings=storage.s3_settings())
+    fingerprint = entry_fingerprint(entry, s3_settings=storage.s3_settings(), allowed=storage.allowed())
+    record = describe_reference(entry, s3_settings=storage.s3_settings(), allowed=storage.allowed())
     labels = record["label_counts"]
     context.add_output_metadata(
         {

@@ -21,7 +21,7 @@ def _fingerprints(context, storage: StorageResource, settings: PlatformSettings)
     out = {}
     for entry in read_manifest(storage.get_store(), settings.manifest_key):
         try:
-            out[entry.id] = entry_fingerprint(entry, s3_settings=storage.s3_settings())
+            out[entry.id] = entry_fingerprint(entry, s3_settings=storage.s3_settings(), allowed=storage.allowed())
         except Exception as exc:  # one unreachable file must not hide the others
             context.log.warning(f"reference {entry.id!r}: cannot read {entry.uri}: {exc}")
     return out
