@@ -1,12 +1,14 @@
 """Segmentation methods, chosen by name; each fails with a clear message when what it needs is absent.
 
 * ``vendor`` — the instrument's own cells (default where the folder has them).
-* ``watershed`` — weight-free nuclei + expansion (:mod:`.nuclei`) run through sopa's image-patch
-  pipeline: ``sopa.make_image_patches`` → ``sopa.segmentation.StainingSegmentation`` (the class
-  behind ``custom_staining_based``) → ``sopa.segmentation.solve_conflicts``. We drive the patch loop
-  ourselves (``write_patch_cells`` per patch, exactly what ``custom_staining_based`` does) so the patch
-  callable knows its patch's position: it needs the transcripts under the patch for the adaptive
-  expansion and it records the nuclei beside the cells.
+* ``watershed`` — weight-free nuclei + expansion (:mod:`.nuclei`) on sopa's image patches:
+  ``sopa.make_image_patches`` → our patch function → ``sopa.shapes.vectorize`` →
+  ``sopa.segmentation.solve_conflicts``. This is the loop of ``custom_staining_based`` /
+  ``StainingSegmentation.write_patch_cells``, driven here because (1) the patch function needs to
+  know where its patch is (the transcripts under it drive the adaptive expansion), (2) it returns
+  nuclei beside cells, and (3) sopa's vectoriser smooths every full-resolution outline with three
+  buffers, 70 % of the run time on a 300 µm crop; we vectorise at the working resolution without
+  that smoothing (measured in docs/segmentation.md).
 * ``comseg`` — sopa's ComSeg wrapper on transcript patches, with the watershed nuclei as prior.
 * ``proseg`` / ``baysor`` — only when their binary is on PATH; ``stardist`` / ``cellpose`` — only
   when the package is installed *and* a local weights directory is configured. Nothing is ever
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from spatial_assets.segmentation.errors import MethodUnavailableError, SegmentationInputError
-from spatial_assets.segmentation.nuclei import WatershedParams, segment_patch
+from spatial_assets.segmentation.nuclei import WatershedParams, segment_patch, working_factor
 from spatial_assets.segmentation.sample import RawSample
 
 METHODS = ("vendor", "watershed", "comseg", "proseg", "baysor", "stardist", "cellpose")
@@ -85,48 +87,32 @@ def check_method_available(method: str, *, weights_dir: str | None = None) -> No
 
 # ------------------------------------------------------------------------------------------ watershed
 
-class _PatchMethod:
-    """The callable sopa runs on each patch ((C, y, x) integer image → cell mask), aware of its patch."""
+def _vectorize(mask: np.ndarray, f: int, x0: int, y0: int):
+    """Label mask at working resolution → polygons in native continuous pixel coordinates.
 
-    def __init__(self, sample: RawSample, params: WatershedParams, channels: list[str], nuclei_dir: Path):
-        self.params = params
-        self.channels = channels
-        self.pixel_um = sample.image.pixel_size_um
-        col, row = sample.image.to_pixels(sample.transcripts["x"].to_numpy(), sample.transcripts["y"].to_numpy())
-        order = np.argsort(col, kind="stable")
-        self.col, self.row = col[order], row[order]
-        self.nuclei_dir = nuclei_dir
-        self.bounds: tuple[int, int, int, int] | None = None
-        self.index = -1
+    ``sopa.shapes.vectorize`` without its smoothing: the smoothing buffers every outline three
+    times, which took 21 of 30 s of a 300 µm crop (docs/segmentation.md); the outlines of a mask
+    already smoothed by the segmentation only need simplifying.
+    """
+    import shapely
+    from sopa.shapes import vectorize
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        from sopa.shapes import vectorize
-
-        x0, y0, x1, y1 = self.bounds
-        lo, hi = np.searchsorted(self.col, [x0, x1])
-        c, r = self.col[lo:hi], self.row[lo:hi]
-        inside = (r >= y0) & (r < y1)
-        rc = (r[inside] - y0, c[inside] - x0)
-        nuclear = image[0]
-        cyto = image[1] if len(self.channels) > 1 else None
-        cells, nuc = segment_patch(nuclear, self.pixel_um, self.params, cytoplasm=cyto, transcripts_rc=rc)
-        gdf = vectorize(nuc) if nuc.max() > 0 else None
-        if gdf is not None and len(gdf):
-            gdf.geometry = gdf.translate(x0, y0)
-            gdf.to_parquet(self.nuclei_dir / f"{self.index}.parquet")
-        return cells
+    gdf = vectorize(mask, tolerance=0.4, smooth_radius_ratio=0)
+    if len(gdf) == 0:
+        return gdf
+    # working pixel v (vertex at its centre) → native continuous (v + 0.5) · f, then the patch offset
+    gdf.geometry = [shapely.affinity.affine_transform(g, [f, 0, 0, f, x0 + 0.5 * f, y0 + 0.5 * f]) for g in gdf.geometry]
+    return gdf
 
 
-def _pixels_to_um(gdf: Any, pixel_to_um: np.ndarray) -> Any:
-    """sopa's pixel polygons (vertex = pixel centre at integer coordinates) → µm."""
+def _to_um(gdf: Any, pixel_to_um: np.ndarray) -> Any:
+    """Polygons in native continuous pixel coordinates (pixel (c, r) covers [c, c+1)) → µm."""
+    import geopandas as gpd
     import shapely
 
     A = pixel_to_um
-    # + 0.5: our pixel (col, row) covers [col, col + 1), centre at col + 0.5
-    coeffs = [A[0, 0], A[0, 1], A[1, 0], A[1, 1], A[0, 2] + 0.5 * (A[0, 0] + A[0, 1]), A[1, 2] + 0.5 * (A[1, 0] + A[1, 1])]
-    out = gdf.copy()
-    out.geometry = [shapely.affinity.affine_transform(g, coeffs) for g in gdf.geometry]
-    return out
+    coeffs = [A[0, 0], A[0, 1], A[1, 0], A[1, 1], A[0, 2], A[1, 2]]
+    return gpd.GeoDataFrame(geometry=[shapely.affinity.affine_transform(g, coeffs) for g in gdf.geometry])
 
 
 def run_watershed(
@@ -135,12 +121,17 @@ def run_watershed(
     *,
     patch_um: float = 400.0,
     overlap_um: float | None = None,
-    workdir: str | Path | None = None,
     progress: Any = None,
 ) -> Segmentation:
-    """Weight-free segmentation through sopa's patch pipeline; memory bounded by the patch size."""
+    """Weight-free segmentation on sopa's image patches; memory bounded by the patch size.
+
+    ``sopa.make_image_patches`` cuts the slide, each patch window is read lazily and segmented
+    (:func:`segment_patch`), vectorised, and ``sopa.segmentation.solve_conflicts`` merges the copies
+    of a cell that sit in two overlapping patches.
+    """
     import geopandas as gpd
-    from sopa.segmentation import StainingSegmentation, solve_conflicts
+    import pandas as pd
+    from sopa.segmentation import solve_conflicts
 
     sopa = _sopa()
     params = params or WatershedParams()
@@ -149,42 +140,47 @@ def run_watershed(
     channels = [image.nuclear_channel]
     if params.use_cytoplasm_stain and image.cytoplasm_channel:
         channels.append(image.cytoplasm_channel)
+    ch_idx = [image.channels.index(c) for c in channels]
     sdata = sample.to_spatialdata(with_points=False)
     px = image.pixel_size_um
     # overlap: a whole cell (nucleus + maximal expansion on both sides) fits in it
     overlap = overlap_um if overlap_um is not None else 2 * (params.nucleus_diameter_um / 2 + params.expand_um) + 4
     sopa.make_image_patches(sdata, patch_width=int(round(patch_um / px)), patch_overlap=int(round(overlap / px)),
                             image_key="image", roi_key=None)
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="watershed_") as tmp:
-        cdir, ndir = Path(tmp) / "cells", Path(tmp) / "nuclei"
-        cdir.mkdir()
-        ndir.mkdir()
-        method = _PatchMethod(sample, params, channels, ndir)
-        seg = StainingSegmentation(sdata, method, channels, image_key="image", min_area=0, clip_limit=0, gaussian_sigma=0)
-        n = len(seg.patches_gdf)
-        for i in range(n):
-            method.bounds = tuple(int(v) for v in seg.patches_gdf.geometry[i].bounds)
-            method.index = i
-            seg.write_patch_cells(str(cdir), i)
-            if progress:
-                progress(f"watershed patch {i + 1}/{n}")
-        files = [f for f in cdir.iterdir() if f.suffix == ".parquet"]
-        raw_cells = StainingSegmentation.read_patches_cells(str(cdir)) if files else gpd.GeoDataFrame(geometry=[])
-        raw_cells = raw_cells[~raw_cells.is_empty] if len(raw_cells) else raw_cells
-        cells = solve_conflicts(raw_cells) if len(raw_cells) else gpd.GeoDataFrame(geometry=[])
-        nfiles = [f for f in ndir.iterdir() if f.suffix == ".parquet"]
-        nuclei = None
-        if nfiles:
-            import pandas as pd
+    patches = sdata.shapes["image_patches"]
+    col, row = image.to_pixels(sample.transcripts["x"].to_numpy(), sample.transcripts["y"].to_numpy())
+    order = np.argsort(col, kind="stable")
+    col, row = col[order], row[order]
+    f = working_factor(px, params)
+    cell_parts, nuc_parts = [], []
+    n = len(patches)
+    for i, geom in enumerate(patches.geometry):
+        x0, y0, x1, y1 = (int(v) for v in geom.bounds)
+        window = np.asarray(image.data[ch_idx, y0:y1, x0:x1])
+        lo, hi = np.searchsorted(col, [x0, x1])
+        c, r = col[lo:hi], row[lo:hi]
+        inside = (r >= y0) & (r < y1)
+        rc = (r[inside] - y0, c[inside] - x0)
+        cells, nuc = segment_patch(window[0], px, params, cytoplasm=window[1] if len(ch_idx) > 1 else None,
+                                   transcripts_rc=rc, native=False)
+        if cells.max() > 0:
+            cell_parts.append(_vectorize(cells, f, x0, y0))
+            nuc_parts.append(_vectorize(nuc, f, x0, y0))
+        if progress:
+            progress(f"watershed patch {i + 1}/{n}: {int(cells.max())} cells")
+    def _resolve(parts):
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return gpd.GeoDataFrame(geometry=[])
+        allp = pd.concat(parts).reset_index(drop=True)
+        allp = allp[~allp.is_empty & allp.is_valid]
+        return solve_conflicts(allp) if len(allp) else gpd.GeoDataFrame(geometry=[])
 
-            nraw = pd.concat([gpd.read_parquet(f) for f in nfiles]).reset_index(drop=True)
-            nraw = nraw[~nraw.is_empty]
-            nuclei = solve_conflicts(nraw) if len(nraw) else None
-    cells = _pixels_to_um(gpd.GeoDataFrame(geometry=list(cells.geometry)), image.pixel_to_um)
-    if nuclei is not None:
-        nuclei = _pixels_to_um(gpd.GeoDataFrame(geometry=list(nuclei.geometry)), image.pixel_to_um)
+    cells = _to_um(_resolve(cell_parts), image.pixel_to_um)
+    nuclei = _to_um(_resolve(nuc_parts), image.pixel_to_um)
     parameters = {**params.as_dict(), "patch_um": patch_um, "overlap_um": overlap, "channels": channels,
-                  "pixel_size_um": px, "pipeline": "sopa.make_image_patches + StainingSegmentation + solve_conflicts"}
+                  "pixel_size_um": px, "working_factor": f, "n_patches": n,
+                  "pipeline": "sopa.make_image_patches + segment_patch + sopa.shapes.vectorize + sopa.segmentation.solve_conflicts"}
     return Segmentation(cells, nuclei, parameters, time.perf_counter() - t0)
 
 

@@ -205,10 +205,13 @@ def segment_patch(
     *,
     cytoplasm: np.ndarray | None = None,
     transcripts_rc: tuple[np.ndarray, np.ndarray] | None = None,
+    native: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(cells, nuclei) labels on the native grid of the patch; cell ``i`` grows from nucleus ``i``.
+    """(cells, nuclei) labels; cell ``i`` grows from nucleus ``i``.
 
-    ``transcripts_rc``: (row, col) native pixel positions of the patch's transcripts (adaptive expansion).
+    ``transcripts_rc``: (row, col) native pixel positions of the patch's transcripts (adaptive
+    expansion). ``native=False`` returns the labels at the working resolution (block
+    ``working_factor`` of native pixels per label pixel), which is what the vectoriser needs.
     """
     from skimage import segmentation
 
@@ -226,6 +229,8 @@ def segment_patch(
     else:
         rc = (np.floor(transcripts_rc[0] / f).astype(np.int64), np.floor(transcripts_rc[1] / f).astype(np.int64))
         cells = _adaptive_expand(nuc, p, params, rc, allowed)
+    if not native:
+        return cells.astype(np.int32), nuc.astype(np.int32)
     return _upsample(cells, f, nuclear.shape).astype(np.int32), _upsample(nuc, f, nuclear.shape).astype(np.int32)
 
 
