@@ -200,7 +200,8 @@ def segment(
         cell_of_tx = np.where(pos >= 0, names_all[np.maximum(pos, 0)], None)
         names = list(names_all)
         boundaries = gpd.GeoDataFrame(geometry=cells_gdf.geometry.to_numpy(), index=pd.Index(names))
-        nuc_area = _nucleus_area_per_cell(cells_gdf, seg.nuclei)
+        nuc_area = (cells_gdf["nucleus_area_um2"].to_numpy(float) if "nucleus_area_um2" in cells_gdf.columns
+                    else _nucleus_area_per_cell(cells_gdf, seg.nuclei))
         parameters = seg.parameters
     adata = _build_cells(sample, names, cell_of_tx, boundaries, nuc_area, vendor_table, vendor_obs)
     if method != "vendor":
