@@ -40,10 +40,14 @@ class WatershedParams:
     nucleus_diameter_um: float = 8.0
     work_pixel_um: float = 0.4
     smooth_um: float = 0.64
-    threshold: Literal["local", "otsu"] = "local"
+    threshold: Literal["local", "otsu", "background"] = "local"
+    #: 'background': foreground = above this fraction of Otsu on the background-subtracted image
+    background_fraction: float = 0.5
     local_block_um: float = 16.0
     h_um: float = 0.45
     min_nucleus_area_um2: float = 7.5
+    #: seeds and watershed on distance x (intensity / local peak) ** weight (0 = distance only)
+    seed_intensity_weight: float = 0.0
     half_max: float | None = 0.5
     expansion: Literal["adaptive", "fixed"] = "adaptive"
     expand_um: float = 6.0
@@ -51,6 +55,10 @@ class WatershedParams:
     ring_um: float = 0.5
     min_cell_transcripts: int = 8
     use_cytoplasm_stain: bool = True
+    #: block of the cytoplasm stain's local threshold (None: ``local_block_um``)
+    #: wider than the nuclear block: the stain is compared with the background around a cell and its
+    #: neighbours, not with the neighbours (16 µm: MERSCOPE F1 0.601 / 64.6 %; 32 µm: 0.607 / 71.2 %)
+    cytoplasm_block_um: float | None = 32.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +97,16 @@ def segment_nuclei(img: np.ndarray, p: float, params: WatershedParams) -> np.nda
     otsu = filters.threshold_otsu(sm)
     if params.threshold == "otsu":
         fg = sm > otsu
+    elif params.threshold == "background":
+        # rolling-ball-like background: grey opening wider than a nucleus, then smoothed
+        rad = max(int(round(params.nucleus_diameter_um / p)), 2)
+        small = sm[::2, ::2] if rad > 8 else sm
+        bg = ndi.grey_opening(small, footprint=morphology.disk(max(rad // (2 if rad > 8 else 1), 1)))
+        if small is not sm:
+            bg = np.repeat(np.repeat(bg, 2, 0), 2, 1)[: sm.shape[0], : sm.shape[1]]
+        bg = filters.gaussian(bg, sigma=rad / 2, preserve_range=True)
+        res = sm - bg
+        fg = res > params.background_fraction * filters.threshold_otsu(res)
     else:
         block = int(2 * round(params.local_block_um / p / 2) + 1)
         fg = (sm > filters.threshold_local(sm, block_size=max(block, 3), method="gaussian")) & (sm > 0.5 * otsu)
@@ -99,6 +117,11 @@ def segment_nuclei(img: np.ndarray, p: float, params: WatershedParams) -> np.nda
         return np.zeros(img.shape, np.int32)
     r = params.nucleus_diameter_um / 2 / p
     dist = filters.gaussian(ndi.distance_transform_edt(fg), sigma=max(r / 4, 0.5), preserve_range=True)
+    if params.seed_intensity_weight > 0:
+        # an intensity dip between touching nuclei lowers the score along their neck
+        peak = ndi.maximum_filter(sm, size=max(int(2 * r), 3))
+        rel = np.clip(sm / np.maximum(peak, 1e-9), 0, 1)
+        dist = dist * rel ** params.seed_intensity_weight
     seeds = morphology.h_maxima(dist, params.h_um / p) & fg
     markers = measure.label(seeds)
     lab = segmentation.watershed(-dist, markers, mask=fg).astype(np.int32)
@@ -114,6 +137,7 @@ def segment_nuclei(img: np.ndarray, p: float, params: WatershedParams) -> np.nda
 
 
 def _half_max(lab: np.ndarray, sm: np.ndarray, p: float, params: WatershedParams) -> np.ndarray:
+    """Per-object half-maximum boundary, one piece (the largest) per object."""
     from skimage import measure, segmentation
 
     n = int(lab.max())
@@ -194,7 +218,8 @@ def cytoplasm_mask(img: np.ndarray, p: float, params: WatershedParams) -> np.nda
     from skimage import filters
 
     sm = filters.gaussian(img, sigma=max(params.smooth_um / p, 0.5), preserve_range=True)
-    block = int(2 * round(params.local_block_um / p / 2) + 1)
+    block_um = params.cytoplasm_block_um or params.local_block_um
+    block = int(2 * round(block_um / p / 2) + 1)
     return sm > filters.threshold_local(sm, block_size=max(block, 3), method="gaussian")
 
 
