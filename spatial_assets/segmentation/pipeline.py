@@ -80,14 +80,19 @@ def _vendor_segmentation(sample: RawSample) -> tuple[np.ndarray, Any, Any, pd.Da
     return ids, boundaries, v.table, v.obs, v.nuclei
 
 
-def _build_cells(sample: RawSample, cell_names: list[str], cell_of_tx: np.ndarray, boundaries: Any,
+def _positions(cell_names: list[str], ids: np.ndarray) -> np.ndarray:
+    """Row of each transcript's cell in ``cell_names`` (-1: none)."""
+    cat = pd.Categorical(pd.Series(ids, dtype=object), categories=pd.Index(cell_names))
+    return np.asarray(cat.codes, dtype=np.int64)
+
+
+def _build_cells(sample: RawSample, cell_names: list[str], pos: np.ndarray, boundaries: Any,
                  nucleus_area: np.ndarray | None, vendor_table: Any = None, vendor_obs: pd.DataFrame | None = None):
     import anndata as ad
     import scipy.sparse as sp
 
     tx = sample.transcripts
     genes = sample.genes
-    pos = pd.Index(cell_names).get_indexer(pd.Series(cell_of_tx, dtype=object).where(pd.notna(cell_of_tx), "\x00"))
     codes = tx["gene"].cat.codes.to_numpy().astype(np.int64)
     X = count_matrix(pos, codes, len(cell_names), len(genes))
     var = pd.DataFrame(index=pd.Index(genes, name=None))
@@ -176,7 +181,7 @@ def segment(
             names = [str(c) for c in vendor_table.obs_names]
         else:
             names = sorted({str(i) for i in ids if i is not None})
-        cell_of_tx = np.asarray([None if i is None else str(i) for i in ids], dtype=object)
+        pos = _positions(names, np.asarray([None if i is None else str(i) for i in ids], dtype=object))
         boundaries = boundaries if boundaries is not None else gpd.GeoDataFrame(geometry=[])
         nuc_area = None
         if vnuclei is not None and len(vnuclei):
@@ -196,27 +201,26 @@ def segment(
         seconds = seg.seconds
         cells_gdf = seg.cells.reset_index(drop=True)
         pos = assign_transcripts(tx["x"].to_numpy(), tx["y"].to_numpy(), cells_gdf)
-        names_all = np.array([f"cell{i:06d}" for i in range(len(cells_gdf))], dtype=object)
-        cell_of_tx = np.where(pos >= 0, names_all[np.maximum(pos, 0)], None)
-        names = list(names_all)
+        names = [f"cell{i:06d}" for i in range(len(cells_gdf))]
         boundaries = gpd.GeoDataFrame(geometry=cells_gdf.geometry.to_numpy(), index=pd.Index(names))
         nuc_area = (cells_gdf["nucleus_area_um2"].to_numpy(float) if "nucleus_area_um2" in cells_gdf.columns
                     else _nucleus_area_per_cell(cells_gdf, seg.nuclei))
         parameters = seg.parameters
-    adata = _build_cells(sample, names, cell_of_tx, boundaries, nuc_area, vendor_table, vendor_obs)
+    adata = _build_cells(sample, names, pos, boundaries, nuc_area, vendor_table, vendor_obs)
     if method != "vendor":
-        # a polygon holding no transcript is not a cell of this sample's table
+        # a polygon holding no transcript is not a cell of this sample's table; renumber the rest
         keep = adata.obs["n_transcripts"].to_numpy() > 0
         dropped = int((~keep).sum())
+        new_pos = np.cumsum(keep) - 1
+        pos = np.where(pos >= 0, new_pos[np.maximum(pos, 0)], -1)
         adata = adata[keep].copy()
-        kept = set(adata.obs_names)
         boundaries = boundaries.loc[adata.obs_names]
+        names = list(adata.obs_names)
         parameters = {**parameters, "empty_polygons_dropped": dropped}
-        cell_of_tx = np.asarray([c if c in kept else None for c in cell_of_tx], dtype=object)
-    assigned = np.asarray([c is not None for c in cell_of_tx])
+    assigned = pos >= 0
     transcripts = pd.DataFrame({
         "transcript_index": tx["transcript_index"].to_numpy(),
-        "cell_id": pd.array(cell_of_tx, dtype="string"),
+        "cell_id": pd.Categorical.from_codes(pos, categories=pd.Index(names, dtype=object)),
         "x": tx["x"].to_numpy(), "y": tx["y"].to_numpy(), "z": tx["z"].to_numpy(),
         "gene": tx["gene"].astype(str).to_numpy(),
     })
