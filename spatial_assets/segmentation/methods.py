@@ -114,7 +114,7 @@ def vectorize_labels(mask: np.ndarray, *, tolerance: float = 0.4) -> tuple[np.nd
         polys.append(shapely.Polygon(np.column_stack([ring[:, 1] + slc[1].start - 1, ring[:, 0] + slc[0].start - 1])))
         ids.append(i)
     if polys:
-        polys = list(shapely.make_valid(shapely.simplify(np.asarray(polys, dtype=object), tolerance)))
+        polys = list(shapely.make_valid(shapely.simplify(np.asarray(polys, dtype=object), tolerance, preserve_topology=False)))
     return np.asarray(ids, dtype=np.int64), polys
 
 
@@ -195,14 +195,18 @@ def run_watershed(
                                    transcripts_rc=rc, native=False)
         if cells.max() > 0:
             nuc_px = np.bincount(nuc.ravel(), minlength=int(cells.max()) + 1).astype(np.float64)
-            cell_parts.append(_vectorize(cells, f, x0, y0, nucleus_px=nuc_px))
+            part = _vectorize(cells, f, x0, y0, nucleus_px=nuc_px)
+            part["patch"] = i
+            cell_parts.append(part)
         if progress:
             progress(f"watershed patch {i + 1}/{n}: {int(cells.max())} cells")
     parts = [p for p in cell_parts if len(p)]
     if parts:
         allp = pd.concat(parts).reset_index(drop=True)
         allp = allp[~allp.is_empty & allp.is_valid].reset_index(drop=True)
-        resolved = solve_conflicts(allp) if len(allp) else gpd.GeoDataFrame(geometry=[])
+        # cells of one patch never overlap (one label image): only copies across patches can conflict
+        resolved = (solve_conflicts(allp, patch_indices=allp["patch"].to_numpy()) if len(allp)
+                    else gpd.GeoDataFrame(geometry=[]))
         # a cell seen by two patches is merged by sopa: keep the larger of its nucleus measurements
         pts = gpd.GeoDataFrame({"nucleus_px": allp["nucleus_px"].to_numpy()}, geometry=allp.geometry.representative_point().to_numpy())
         j = gpd.sjoin(pts, gpd.GeoDataFrame(geometry=resolved.geometry.to_numpy()), how="inner", predicate="within")
