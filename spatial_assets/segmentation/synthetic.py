@@ -278,7 +278,11 @@ def sample_transcripts(spec: SyntheticSpec, cells: pd.DataFrame, territory: _Ter
     x = cells["x"].to_numpy()[owner_of] + rad * np.cos(ang)
     y = cells["y"].to_numpy()[owner_of] + rad * np.sin(ang)
     inside = (x >= 0) & (x < spec.width_um) & (y >= 0) & (y < spec.height_um)
-    own, in_nuc = territory.owner(x, y)
+    own = np.empty(x.size, np.int64)
+    in_nuc = np.empty(x.size, bool)
+    step = 500_000  # bounded memory: the neighbour query holds k floats per point
+    for s0 in range(0, x.size, step):
+        own[s0:s0 + step], in_nuc[s0:s0 + step] = territory.owner(x[s0:s0 + step], y[s0:s0 + step])
     # keep a candidate when its generating cell owns the point; thin the cytoplasm to its density
     keep = inside & (own == owner_of)
     keep &= in_nuc | (rng.random(owner_of.size) < 1.0 / spec.nuclear_density_ratio)
