@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from spatial_assets.segmentation.errors import MethodUnavailableError, SegmentationInputError
-from spatial_assets.segmentation.nuclei import WatershedParams, segment_patch, working_factor
+from spatial_assets.segmentation.nuclei import WatershedParams, he_to_nuclear, segment_patch, working_factor
 from spatial_assets.segmentation.sample import RawSample
 
 METHODS = ("vendor", "watershed", "comseg", "proseg", "baysor", "stardist", "cellpose")
@@ -170,6 +170,8 @@ def run_watershed(
     channels = [image.nuclear_channel]
     if params.use_cytoplasm_stain and image.cytoplasm_channel:
         channels.append(image.cytoplasm_channel)
+    if image.kind == "he":
+        channels = list(image.channels)  # R, G, B: the haematoxylin channel is computed per patch
     ch_idx = [image.channels.index(c) for c in channels]
     sdata = sample.to_spatialdata(with_points=False)
     px = image.pixel_size_um
@@ -191,8 +193,11 @@ def run_watershed(
         c, r = col[lo:hi], row[lo:hi]
         inside = (r >= y0) & (r < y1)
         rc = (r[inside] - y0, c[inside] - x0)
-        cells, nuc = segment_patch(window[0], px, params, cytoplasm=window[1] if len(ch_idx) > 1 else None,
-                                   transcripts_rc=rc, native=False)
+        if image.kind == "he":
+            nuclear, cyto = he_to_nuclear(np.moveaxis(window, 0, -1)), None
+        else:
+            nuclear, cyto = window[0], (window[1] if len(ch_idx) > 1 else None)
+        cells, nuc = segment_patch(nuclear, px, params, cytoplasm=cyto, transcripts_rc=rc if len(c) else None, native=False)
         if cells.max() > 0:
             nuc_px = np.bincount(nuc.ravel(), minlength=int(cells.max()) + 1).astype(np.float64)
             part = _vectorize(cells, f, x0, y0, nucleus_px=nuc_px)

@@ -32,6 +32,8 @@ class ImageLayer:
     files: list[str]
     nuclear_channel: str
     cytoplasm_channel: str | None = None
+    #: 'fluorescence' (nuclei bright in ``nuclear_channel``) or 'he' (RGB H&E: haematoxylin via rgb2hed)
+    kind: str = "fluorescence"
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -114,6 +114,33 @@ def bins_to_cells(bins: Any, nuclei: Any, *, expand_um: float = 4.0) -> Any:
     return out
 
 
+def nuclei_from_image(rgb_or_gray: np.ndarray, pixel_to_um: np.ndarray, *, he: bool = True, params: Any = None) -> Any:
+    """Nucleus outlines (µm GeoDataFrame) from a microscope image (H&E by default, via ``rgb2hed``),
+    with the same weight-free watershed and sopa patches as imaging platforms; feed them to
+    :func:`bins_to_cells`."""
+    import dask.array as da
+    from dataclasses import replace
+
+    from spatial_assets.segmentation.methods import run_watershed
+    from spatial_assets.segmentation.nuclei import WatershedParams
+    from spatial_assets.segmentation.sample import ImageLayer, RawSample
+
+    img = np.asarray(rgb_or_gray)
+    if he:
+        if img.ndim != 3 or img.shape[-1] != 3:
+            raise SegmentationInputError(f"an H&E image must be (y, x, 3) RGB, got shape {img.shape}")
+        data, channels, kind = da.from_array(np.moveaxis(img, -1, 0), chunks=(3, 2048, 2048)), ["R", "G", "B"], "he"
+    else:
+        data, channels, kind = da.from_array(img[None], chunks=(1, 2048, 2048)), ["nuclear"], "fluorescence"
+    layer = ImageLayer(data, channels, np.asarray(pixel_to_um, float), ["<array>"], nuclear_channel=channels[0], kind=kind)
+    empty = pd.DataFrame({"transcript_index": np.zeros(0, np.int64), "x": np.zeros(0), "y": np.zeros(0), "z": np.zeros(0),
+                          "gene": pd.Categorical([]), "vendor_cell_id": pd.Series([], dtype=object)})
+    sample = RawSample("visium_hd", Path("."), empty, "<none>", layer, None)
+    p = replace(params or WatershedParams(), expansion="fixed", expand_um=0.0, min_expand_um=0.0)
+    seg = run_watershed(sample, p)
+    return seg.cells
+
+
 def _write_10x_h5(path: Path, X: Any, barcodes: list[str], genes: list[str]) -> None:
     import h5py
     import scipy.sparse as sp

@@ -73,3 +73,22 @@ def test_fingerprints_and_staging(tmp_path):
     assert fingerprint_files(staged) == fp
     with pytest.raises(SegmentationInputError, match="unsafe key"):
         stage_files([("../x", XENIUM / "experiment.xenium")], tmp_path / "s2")
+
+
+def test_he_nuclei_through_rgb2hed():
+    """An H&E-like image (purple nuclei on pink) gives one nucleus per painted nucleus."""
+    from spatial_assets.segmentation.visium_hd import nuclei_from_image
+
+    rng = np.random.default_rng(3)
+    px = 0.5
+    h = w = 240
+    yy, xx = np.mgrid[0:h, 0:w] * px
+    centres = [(15 + 20 * i, 15 + 20 * j) for i in range(5) for j in range(5)]
+    inside = np.zeros((h, w), bool)
+    for cx, cy in centres:
+        inside |= (xx - cx) ** 2 + (yy - cy) ** 2 < 4.0**2
+    rgb = np.where(inside[..., None], [95, 60, 150], [235, 170, 200]).astype(float)
+    rgb = np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
+    nuclei = nuclei_from_image(rgb, np.array([[px, 0, 0], [0, px, 0], [0, 0, 1.0]]))
+    assert len(nuclei) == 25
+    assert nuclei.area.median() == pytest.approx(np.pi * 16, rel=0.3)
