@@ -22,6 +22,9 @@ import time
 import warnings
 from pathlib import Path
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # sopa's conflict-resolution progress bars
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

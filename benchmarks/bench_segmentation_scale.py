@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CHILD = r"""
+import os; os.environ.setdefault("TQDM_DISABLE", "1")
 import json, resource, sys, time, warnings, logging
 warnings.filterwarnings("ignore"); logging.getLogger("sopa").setLevel(logging.ERROR)
 sys.path.insert(0, {root!r})
