@@ -63,7 +63,6 @@ def _child(*args: str) -> dict:
 
 
 def _patch_read(mosaic: Path, patch_px: int) -> tuple[float, float]:
-    import dask.array as da  # noqa: F401
     from dask_image.imread import imread
 
     from spatial_assets.segmentation.readers import open_tiff

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +183,7 @@ def run_watershed(
     order = np.argsort(col, kind="stable")
     col, row = col[order], row[order]
     f = working_factor(px, params)
-    cell_parts, nuc_parts = [], []
+    cell_parts = []
     n = len(patches)
     for i, geom in enumerate(patches.geometry):
         x0, y0, x1, y1 = (int(v) for v in geom.bounds)
@@ -239,13 +238,13 @@ def run_comseg(sample: RawSample, prior: Segmentation, *, patch_um: float = 200.
     if shapes is None or len(shapes) == 0:
         raise SegmentationInputError(f"{sample.folder}: comseg needs prior nuclei; the watershed found none")
     sdata = sample.to_spatialdata(with_points=True, shapes={"prior": gpd.GeoDataFrame(geometry=list(shapes.geometry))})
-    with tempfile.TemporaryDirectory(prefix="comseg_") as tmp:
-        sdata.attrs["cache_dir"] = tmp  # noqa: not used by every sopa version
-        os.environ.setdefault("SOPA_CACHE_DIR", tmp)
+    try:  # sopa keeps its transcript patches in a per-object cache directory; removed afterwards
         sopa.make_transcript_patches(sdata, patch_width=patch_um, patch_overlap=20, prior_shapes_key="prior",
                                      write_cells_centroids=True, min_points_per_patch=50, roi_key=None)
         sopa.segmentation.comseg(sdata, config=config or None, min_area=0)
         cells = sdata.shapes["comseg_boundaries"]
+    finally:
+        sopa.utils.delete_cache(sdata)
     out = gpd.GeoDataFrame(geometry=list(cells.geometry))
     return Segmentation(out, prior.nuclei, {"comseg_config": config or "sopa default (from prior cell area)",
                                             "patch_um": patch_um, "prior": "watershed nuclei"}, time.perf_counter() - t0)

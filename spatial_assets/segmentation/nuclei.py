@@ -198,8 +198,6 @@ def _half_max(lab: np.ndarray, sm: np.ndarray, p: float, params: WatershedParams
 
 def _adaptive_expand(nuc: np.ndarray, p: float, params: WatershedParams, tx_rc, allowed: np.ndarray | None) -> np.ndarray:
     """Per-cell expansion: two-level Poisson change point on ring transcript densities."""
-    from skimage import segmentation
-
     n = int(nuc.max())
     max_px = params.expand_um / p
     # one Euclidean transform gives both the distance and the nearest nucleus (= expand_labels)

@@ -25,7 +25,6 @@ from spatial_assets.segmentation.aggregation import assign_transcripts, count_ma
 from spatial_assets.segmentation.errors import SegmentationInputError
 from spatial_assets.segmentation.methods import (
     METHODS,
-    Segmentation,
     check_method_available,
     default_method,
     run_comseg,

@@ -82,7 +82,6 @@ def bins_to_cells(bins: Any, nuclei: Any, *, expand_um: float = 4.0) -> Any:
     ``obsm['spatial']`` and the bin → cell map in ``uns['bins_to_cells']['n_assigned_bins']``.
     """
     import anndata as ad
-    import geopandas as gpd
     import scipy.sparse as sp
     import shapely
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from spatial_assets.segmentation.aggregation import assign_transcripts, count_matrix, is_control
 
