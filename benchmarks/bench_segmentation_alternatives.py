@@ -31,8 +31,8 @@ VARIANTS: dict[str, dict] = {
     "no half-maximum boundary": {"half_max": None},
     "fixed 3 µm expansion": {"expansion": "fixed", "expand_um": 3.0},
     "fixed 6 µm expansion": {"expansion": "fixed", "expand_um": 6.0},
-    "adaptive, max 9 µm": {"expand_um": 9.0},
-    "adaptive, min 0 µm": {"min_expand_um": 0.0},
+    "adaptive up to 9 µm": {"expand_um": 9.0},
+    "adaptive from 0 µm": {"min_expand_um": 0.0},
     "no cytoplasm stain limit": {"use_cytoplasm_stain": False},
     "cytoplasm threshold block 16 µm": {"cytoplasm_block_um": 16.0},
     "h-maxima 0.3 µm": {"h_um": 0.3},
@@ -50,7 +50,7 @@ def _ids(s):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--only", default="", help="variant names separated by ; (default: all)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("sopa").setLevel(logging.ERROR)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = {k: read_sample(v) for k, v in folders.items()}
     refs = {k: (_ids(s.transcripts["vendor_cell_id"]) if k.startswith("syn") else _ids(segment(s, "vendor").transcripts["cell_id"]))
             for k, s in samples.items()}
-    wanted = [v for v in args.only.split(",") if v] or list(VARIANTS)
+    wanted = [v.strip() for v in args.only.split(";") if v.strip()] or list(VARIANTS)
     print("F1 / % of reference-assigned transcripts on the matched cell")
     for name in wanted:
         p = replace(WatershedParams(), **VARIANTS[name])
