@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--comseg", action="store_true", help="also run ComSeg on the two real crops")
     ap.add_argument("--synthetic-seeds", default="0,5")
     ap.add_argument("--synthetic-um", type=float, default=300.0)
+    ap.add_argument("--samples", default="merscope,cosmx", help="real samples to run (merscope, cosmx)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("sopa").setLevel(logging.ERROR)
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="bench_seg_")
-    samples = [("merscope", ROOT / "data/raw/merscope_mouse_brain_mini", "vendor"),
-               ("cosmx", ROOT / "data/raw/cosmx_lung_mini", "vendor")]
+    real = {"merscope": ROOT / "data/raw/merscope_mouse_brain_mini", "cosmx": ROOT / "data/raw/cosmx_lung_mini"}
+    samples = [(k, real[k], "vendor") for k in args.samples.split(",") if k]
     for seed in [int(s) for s in args.synthetic_seeds.split(",") if s]:
         d = Path(tmp.name) / f"synthetic_{seed}"
         write_merscope_sample(d, SyntheticSpec(width_um=args.synthetic_um, height_um=args.synthetic_um, seed=seed))
