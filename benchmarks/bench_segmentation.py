@@ -9,7 +9,8 @@ transcript sets is >= 0.5) and the fraction of reference-assigned transcripts on
 * ComSeg (via sopa) on the small crops with ``--comseg`` (slow; its time is printed).
 
 Acceptance (issue): watershed MERSCOPE F1 >= 0.60 and >= 70 %; CosMx >= 0.85 and >= 80 %;
-synthetic >= 0.85 and >= 80 %. Run: ``python benchmarks/bench_segmentation.py [--comseg]``.
+synthetic >= 0.85 and >= 80 %. Run: ``python benchmarks/bench_segmentation.py [--comseg]``
+(ComSeg alone on the CosMx FOV: ``--comseg --samples cosmx --synthetic-seeds ""``).
 """
 
 from __future__ import annotations
