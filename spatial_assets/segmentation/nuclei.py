@@ -57,7 +57,8 @@ class WatershedParams:
     use_cytoplasm_stain: bool = True
     #: block of the cytoplasm stain's local threshold (None: ``local_block_um``)
     #: wider than the nuclear block: the stain is compared with the background around a cell and its
-    #: neighbours, not with the neighbours (16 µm: MERSCOPE F1 0.601 / 64.6 %; 32 µm: 0.607 / 71.2 %)
+    #: neighbours, not with the neighbours (16 µm: MERSCOPE F1 0.613 / 67.6 %; 32 µm: 0.607 / 71.6 %,
+    #: bench_segmentation_alternatives.py)
     cytoplasm_block_um: float | None = 32.0
 
     def as_dict(self) -> dict:
