@@ -238,6 +238,14 @@ def run_comseg(sample: RawSample, prior: Segmentation, *, patch_um: float = 200.
     if shapes is None or len(shapes) == 0:
         raise SegmentationInputError(f"{sample.folder}: comseg needs prior nuclei; the watershed found none")
     sdata = sample.to_spatialdata(with_points=True, shapes={"prior": gpd.GeoDataFrame(geometry=list(shapes.geometry))})
+    if not config:
+        # sopa's default (diameter from the prior's mean area, max radius 1.75 diameters, alpha 0.5),
+        # except that disconnected polygons are allowed: with sopa's default ComSeg stopped after
+        # 33 min on the CosMx FOV with "disconnected polygons are not allowed" (docs/segmentation.md)
+        diameter = float(2 * np.sqrt(np.mean(shapes.geometry.area) / np.pi))
+        config = {"dict_scale": {"x": 1, "y": 1, "z": 1}, "mean_cell_diameter": diameter,
+                  "max_cell_radius": 1.75 * diameter, "norm_vector": False, "alpha": 0.5,
+                  "allow_disconnected_polygon": True, "min_rna_per_cell": 20, "gene_column": "gene"}
     try:  # sopa keeps its transcript patches in a per-object cache directory; removed afterwards
         sopa.make_transcript_patches(sdata, patch_width=patch_um, patch_overlap=20, prior_shapes_key="prior",
                                      write_cells_centroids=True, min_points_per_patch=50, roi_key=None)
@@ -246,7 +254,7 @@ def run_comseg(sample: RawSample, prior: Segmentation, *, patch_um: float = 200.
     finally:
         sopa.utils.delete_cache(sdata)
     out = gpd.GeoDataFrame(geometry=list(cells.geometry))
-    return Segmentation(out, prior.nuclei, {"comseg_config": config or "sopa default (from prior cell area)",
+    return Segmentation(out, prior.nuclei, {"comseg_config": config,
                                             "patch_um": patch_um, "prior": "watershed nuclei"}, time.perf_counter() - t0)
 
 
