@@ -33,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "celltype",
     "domains",
     "audit",
+    "segment",
 )
 
 
