@@ -7,7 +7,7 @@ from typing import Any
 
 from spatial_assets.storage.stores import asset_key
 
-MODEL_CARD_KEY = asset_key("celltype_model", None, ".pkl.card.json")
+MODEL_CARD_KEY = asset_key("celltype_model", "{panel}", ".pkl.card.json")  # one model per gene panel
 REFERENCE_RECORD_KEY = asset_key("reference_atlas", "{id}", ".json")
 
 
