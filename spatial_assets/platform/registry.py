@@ -34,8 +34,16 @@ H5AD = ".h5ad"
 LANDING_PREFIX = "landing/samples/"
 
 
+class SampleUnreadableError(ValueError):
+    """``sample land`` for a path that cannot be read as an h5ad."""
+
+
 class DuplicateSampleError(ValueError):
     """``sample land`` for an id that has already landed (without ``replace``)."""
+
+
+class ReferenceUnreadableError(ValueError):
+    """``reference add`` for a URI that cannot be read as an h5ad (missing, forbidden, not h5ad)."""
 
 
 class ConcurrentEditError(ValueError):
@@ -187,7 +195,12 @@ def register_reference(
     before = store.info(manifest_key).etag if store.exists(manifest_key) else None
     entries = read_manifest(store, manifest_key)
     updated = with_entry(entries, entry, replace=replace)  # id + duplicate check before any download
-    record = describe_reference(entry, s3_settings=s3_settings)
+    try:
+        record = describe_reference(entry, s3_settings=s3_settings)
+    except ValueError:
+        raise  # already names the file and the problem (label column, normalization, ids)
+    except Exception as exc:  # missing object / no access / not an h5ad: h5py, botocore, OS errors
+        raise ReferenceUnreadableError(f"{entry.uri}: cannot read it as an .h5ad reference ({type(exc).__name__}: {exc})") from exc
     now = store.info(manifest_key).etag if store.exists(manifest_key) else None
     if now != before:
         raise ConcurrentEditError(f"{store.uri(manifest_key)} changed while {entry.id!r} was being validated; run again")
@@ -232,11 +245,11 @@ def land_sample(
             f"sample id {sample_id!r} has already landed ({', '.join(store.uri(k) for k in existing[0].keys)}); "
             "pass --replace to overwrite it"
         )
-    local = fetch_to_cache(path, settings=s3_settings)
     try:
+        local = fetch_to_cache(path, settings=s3_settings)
         adata = ad.read_h5ad(local)
-    except Exception as exc:  # h5py/anndata raise many types for a non-h5ad file
-        raise ValueError(f"{path}: not a readable .h5ad file ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # missing file / S3 error / not an h5ad: h5py, botocore and OS errors alike
+        raise SampleUnreadableError(f"{path}: cannot read it as an .h5ad sample ({type(exc).__name__}: {exc})") from exc
     prepared = prepare_spatial_cells(adata, sample_id=sample_id, source=str(path))
     panel = sample_panel(prepared, sample_id=sample_id)
     store.put_file(local, key)

@@ -279,6 +279,10 @@ def test_one_panels_model_change_reannotates_only_its_samples(platform):
         instance=platform.instance, partition_key=subset_panel, asset_selection=[dg.AssetKey("celltype_model")]
     )
     on_subset_panel = {s for s in platform.samples() if platform.counts("sample_panel").get(s) and platform.panel_of(s) == subset_panel}
+    # the audit compares each sample with the model of its own panel: only the subset's calls are stale
+    with redirect_stdout(io.StringIO()):
+        assert run_audit(SLICES[0], store=platform.store, check_files=False) == 0
+        assert run_audit(SUBSET, store=platform.store, check_files=False) == 3
     runs = platform.daemon.run_until_quiet()
     annotated = {r.partition for r in runs if "cell_type_annotations" in r.assets}
     assert annotated == on_subset_panel == {SUBSET}
@@ -286,6 +290,8 @@ def test_one_panels_model_change_reannotates_only_its_samples(platform):
     assert {s: n for s, n in after.items() if s != SUBSET} == {s: n for s, n in before.items() if s != SUBSET}
     assert after[SUBSET] == before[SUBSET] + 1
     assert all(r.success for r in runs)
+    with redirect_stdout(io.StringIO()):
+        assert run_audit(SUBSET, store=platform.store, check_files=False) == 0
 
 
 def test_new_sample_flows_by_itself_on_its_panels_model(platform):
