@@ -275,9 +275,13 @@ def test_tampered_model_is_refused(platform):
 def test_one_panels_model_change_reannotates_only_its_samples(platform):
     subset_panel = platform.panel_of(SUBSET)
     before = platform.counts("cell_type_annotations")
-    platform.defs.resolve_job_def("panel_models_job").execute_in_process(
+    old_sha = platform.card(subset_panel)["sha256"]
+    # a really different model of that panel: retrained with another seed (same training set)
+    reseeded = build_definitions({**platform.resources, "settings": PlatformSettings(confidence_threshold=0.5, n_domains=4, seed=1)})
+    reseeded.resolve_job_def("panel_models_job").execute_in_process(
         instance=platform.instance, partition_key=subset_panel, asset_selection=[dg.AssetKey("celltype_model")]
     )
+    assert platform.card(subset_panel)["sha256"] != old_sha
     on_subset_panel = {s for s in platform.samples() if platform.counts("sample_panel").get(s) and platform.panel_of(s) == subset_panel}
     # the audit compares each sample with the model of its own panel: only the subset's calls are stale
     with redirect_stdout(io.StringIO()):
