@@ -34,6 +34,8 @@ COMMANDS: tuple[str, ...] = (
     "domains",
     "audit",
     "segment",
+    "reference",
+    "sample",
 )
 
 

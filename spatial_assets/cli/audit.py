@@ -30,7 +30,7 @@ def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, che
         store,
         sample_id,
         annotations_key=asset_key("cell_type_annotations", sample_id, ".h5ad"),
-        model_card_key=asset_key("celltype_model", None, ".pkl.card.json"),
+        model_card_key=asset_key("celltype_model", "{panel}", ".pkl.card.json"),  # one model per gene panel
         reference_record_key=asset_key("reference_atlas", "{id}", ".json"),
         fingerprint=fingerprint if check_files else None,
     )

@@ -4,8 +4,9 @@
    it is already running — and stops it again at the end if it started it,
 2. uploads the POA scRNA-seq reference and writes the references manifest,
 3. lands the two POA MERFISH slices (Moffitt 2018, Bregma 0.21 / 0.26) as two samples,
-4. registers the partitions with the same sensors the daemon runs, materializes every asset and
-   check into the persistent Dagster instance ($DAGSTER_HOME),
+4. registers the partitions with the same sensors the daemon runs, then launches the named jobs
+   (references_job, samples_job, panel_models_job per gene panel, celltyping_job, domain_model_job,
+   domains_job) into the persistent Dagster instance ($DAGSTER_HOME),
 5. prints per-sample summaries, accuracy against the authors' cell classes, domain counts,
    the audit chain, and how to open the UI (``make ui``).
 """
@@ -42,11 +43,12 @@ def prepare_environment() -> Path:
     return home
 
 
-def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
-    """Upload the reference, write the manifest, land one h5ad per MERFISH slice."""
+def stage_demo_data(store, manifest_key: str, landing_prefix: str, s3_settings=None) -> list[str]:
+    """Upload the reference and register it, land one h5ad per MERFISH slice (as the CLI does)."""
     import anndata as ad
 
-    from spatial_assets.platform.manifest import ReferenceEntry, dump_manifest
+    from spatial_assets.platform.manifest import ReferenceEntry
+    from spatial_assets.platform.registry import land_sample, register_reference
 
     ref_key = f"raw/references/{REFERENCE_FILE}"
     store.put_file(DATA / REFERENCE_FILE, ref_key)
@@ -58,7 +60,7 @@ def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
         organism="mouse",
         placeholder_labels=["Ambiguous", "Unstable"],
     )
-    store.write_bytes(manifest_key, dump_manifest([entry]).encode())
+    register_reference(store, entry, manifest_key=manifest_key, replace=True, s3_settings=s3_settings)
     merfish = ad.read_h5ad(DATA / MERFISH_FILE)
     sample_ids = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +69,7 @@ def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
             part = merfish[merfish.obs["Bregma"] == bregma].copy()
             path = Path(tmp) / f"{sid}.h5ad"
             part.write_h5ad(path)
-            store.put_file(path, f"{landing_prefix.rstrip('/')}/{sid}.h5ad")
+            land_sample(store, sid, str(path), landing_prefix=landing_prefix, replace=True, s3_settings=s3_settings)
             sample_ids.append(sid)
     return sample_ids
 
@@ -85,38 +87,43 @@ def register_with_sensors(defs, instance) -> None:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
 
 
-def materialize_all(defs, instance, sample_ids: list[str], reference_ids: list[str], with_domains: bool = True) -> None:
+def panels_of(instance, sample_ids: list[str]) -> dict[str, str]:
+    """sample → the panel its latest ``sample_panel`` materialization recorded."""
     import dagster as dg
 
-    assets = list(defs.assets or []) + list(defs.asset_checks or [])
-    resources = defs.resources
+    from spatial_assets.defs.history import latest_metadata_by_partition
 
-    def run(keys: list[str], partition: str | None = None) -> None:
-        label = ", ".join(keys) + (f" [{partition}]" if partition else "")
+    return latest_metadata_by_partition(instance, dg.AssetKey("sample_panel"), "panel_id", sample_ids)
+
+
+def materialize_all(defs, instance, sample_ids: list[str], reference_ids: list[str], with_domains: bool = True) -> None:
+    """Launch the named jobs in dependency order (the same runs the sensors and automation make)."""
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the full event log is in the UI
+
+    def run(job_name: str, partition: str | None = None) -> None:
+        job = defs.resolve_job_def(job_name)
         t0 = time.perf_counter()
-        result = dg.materialize(
-            assets,
-            selection=dg.AssetSelection.assets(*keys),
-            partition_key=partition,
-            instance=instance,
-            resources=resources,
-            raise_on_error=True,
-            # the full event log is in the UI; the terminal gets warnings and this script's summary
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        result = job.execute_in_process(
+            instance=instance, partition_key=partition, run_config=quiet, tags={"spatial_assets/trigger": "demo"}
         )
         failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
         note = f"  ({len(failed)} check(s) not passed: {[e.check_name for e in failed]})" if failed else ""
-        print(f"  materialized {label} in {time.perf_counter() - t0:.1f}s{note}", flush=True)
+        label = f"{job_name}[{partition}]" if partition else job_name
+        print(f"  ran {label} in {time.perf_counter() - t0:.1f}s{note}", flush=True)
 
     for rid in reference_ids:
-        run(["reference_atlas"], rid)
-    run(["training_set", "label_mapping", "celltype_model"])
+        run("references_job", rid)
     for sid in sample_ids:
-        run(["spatial_cells", "cell_type_annotations", "cell_type_summary"], sid)
+        run("samples_job", sid)
+    panels = panels_of(instance, sample_ids)
+    for pid in sorted(set(panels.values())):
+        run("panel_models_job", pid)
+    for sid in sample_ids:
+        run("celltyping_job", sid)
     if with_domains:
-        run(["domain_model"])
+        run("domain_model_job")
         for sid in sample_ids:
-            run(["spatial_domains", "domain_composition", "domain_markers"], sid)
+            run("domains_job", sid)
 
 
 def report(store, sample_ids: list[str], with_domains: bool) -> None:
@@ -251,13 +258,15 @@ def run_demo(resources: dict, store, args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     settings = resources["settings"]
-    sample_ids = stage_demo_data(store, settings.manifest_key, settings.landing_prefix)
+    sample_ids = stage_demo_data(store, settings.manifest_key, settings.landing_prefix, resources["storage"].s3_settings())
     print(f"staged reference {REFERENCE_ID!r} and samples {sample_ids}", flush=True)
     defs = build_definitions(resources)
     with dg.DagsterInstance.get() as instance:
         register_with_sensors(defs, instance)
         print(f"partitions: references={instance.get_dynamic_partitions('references')} samples={instance.get_dynamic_partitions('samples')}")
         materialize_all(defs, instance, sample_ids, [REFERENCE_ID], with_domains=not args.no_domains)
+        panels = panels_of(instance, sample_ids)
+        print("gene panels: " + ", ".join(f"{sid} → {pid}" for sid, pid in sorted(panels.items())))
     report(store, sample_ids, with_domains=not args.no_domains)
     print(f"\naudit of {sample_ids[0]}:")
     from spatial_assets.cli.audit import run_audit

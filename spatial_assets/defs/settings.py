@@ -2,6 +2,9 @@
 
 import dagster as dg
 
+from spatial_assets.platform.manifest import MANIFEST_KEY
+from spatial_assets.platform.registry import LANDING_PREFIX
+
 
 class PlatformSettings(dg.ConfigurableResource):
     """Where the manifests and landing data live, and the scientific parameters of a deployment.
@@ -10,9 +13,9 @@ class PlatformSettings(dg.ConfigurableResource):
     materialization metadata and can be audited.
     """
 
-    manifest_key: str = "manifests/references.yaml"
-    landing_prefix: str = "landing/samples/"
-    panel_genes: list[str] = []  # empty: intersection of the registered samples' panels
+    manifest_key: str = MANIFEST_KEY
+    landing_prefix: str = LANDING_PREFIX
+    panel_genes: list[str] = []  # empty: each sample's own genes define its panel (one model per panel)
     min_cells_per_type: int = 10
     max_cells_per_type: int = 5000
     balance_strategy: str = "proportional"

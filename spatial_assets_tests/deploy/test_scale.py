@@ -235,9 +235,15 @@ def test_one_model_change_fans_out_as_one_backfill_not_a_run_per_sample(
     assert all(r.tags.get(BACKFILL_ID_TAG) == backfill.backfill_id for r in new_runs)  # no run per sample outside it
 
 
+def automation_sensor_name() -> str:
+    from spatial_assets.definitions import automation_sensor
+
+    return automation_sensor.name
+
+
 def _sensor_selector(instance: dg.DagsterInstance):
     """(origin id, selector id) of the automation sensor's instigator state."""
-    states = [s for s in instance.all_instigator_state() if s.name == "automation_sensor"]
+    states = [s for s in instance.all_instigator_state() if s.name == automation_sensor_name()]
     if not states:
         return ("", "")
     state = states[0]

@@ -6,9 +6,10 @@ import anndata as ad
 import dagster as dg
 import pandas as pd
 
-from spatial_assets.defs.automation import on_upstream_change
+from spatial_assets.defs.automation import downstream_of_checked, fit_once_when_samples_exist, on_upstream_change
 from spatial_assets.defs.execution import op_tags_for
-from spatial_assets.defs.partitions import samples_partitions
+from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
+from spatial_assets.defs.partitions import by_partition, samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.domains.engine import DomainModel
@@ -27,15 +28,18 @@ def _engine_config(settings: PlatformSettings) -> dict:
 @dg.asset(
     ins={"spatial_cells": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
     # Fitted once when missing, then reused: a new sample must not refit (and so relabel) the
-    # others. Materialize it by hand to refit on every registered sample.
-    automation_condition=dg.AutomationCondition.on_missing(),
+    # others. Materialize it by hand (domain_model_job) to refit on every registered sample.
+    automation_condition=fit_once_when_samples_exist(),
     group_name="domains",
+    owners=OWNERS,
+    code_version="1",
     pool="heavy",
     op_tags=op_tags_for("domain_model"),
-    kinds={"numpy"},
+    kinds={"numpy", STORAGE_KIND},
     description="The shared domain model (one embedding for all samples, hierarchical levels), stored by the IO manager as npz+json in a zip with its sha256.",
 )
 def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, settings: PlatformSettings) -> DomainModel:
+    spatial_cells = by_partition(context, "spatial_cells", spatial_cells)
     samples = [spatial_cells[k] for k in sorted(spatial_cells)]
     model = fit_domain_model(
         samples,
@@ -65,11 +69,13 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, setting
 
 @dg.asset(
     partitions_def=samples_partitions,
-    automation_condition=on_upstream_change(),
+    automation_condition=downstream_of_checked(),
     group_name="domains",
+    owners=OWNERS,
+    code_version="1",
     pool="heavy",
     op_tags=op_tags_for("spatial_domains"),
-    kinds={"anndata"},
+    kinds={"anndata", STORAGE_KIND},
     description="Per-sample domains at every level (obs domain_level_{k}, obs domain) with domain-level cell-type calls (signature enrichment + elbow gap).",
 )
 def spatial_domains(
@@ -119,7 +125,9 @@ def _domain_plots(adata: ad.AnnData, assignment: pd.DataFrame, out_dir: Path) ->
     partitions_def=samples_partitions,
     automation_condition=on_upstream_change(),
     group_name="domains",
-    kinds={"parquet"},
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet", STORAGE_KIND},
     description="Cells per predicted cell type per domain for one sample (long table).",
 )
 def domain_composition(
@@ -132,7 +140,7 @@ def domain_composition(
     merged = spatial_domains.copy()
     merged.obs["cell_type"] = cell_type_annotations.obs["cell_type"].reindex(merged.obs_names).astype(str).to_numpy()
     table = compose(merged, domain_key="domain", cell_type_key="cell_type", sample_key="sample_id")
-    meta = {"n_rows": len(table), "preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False))}
+    meta = {"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)}
 
     def _plot(out_dir: Path) -> dict:
         from spatial_assets.domains import plots
@@ -147,12 +155,14 @@ def domain_composition(
     partitions_def=samples_partitions,
     automation_condition=on_upstream_change(),
     group_name="domains",
-    kinds={"parquet"},
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet", STORAGE_KIND},
     description="Top marker genes per domain (one-vs-rest Wilcoxon) for one sample.",
 )
 def domain_markers(context: dg.AssetExecutionContext, spatial_domains: ad.AnnData) -> pd.DataFrame:
     from spatial_assets.domains.annotation import domain_marker_genes
 
     table = domain_marker_genes(spatial_domains, domain_key="domain", n_genes=10)
-    context.add_output_metadata({"n_rows": len(table), "preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False))})
+    context.add_output_metadata({"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)})
     return table
