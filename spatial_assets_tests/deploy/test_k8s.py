@@ -11,6 +11,7 @@ run's heavy step. Both Job manifests are checked against the Kubernetes OpenAPI 
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,11 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     mp.setenv("SPATIAL_ASSETS_DEPLOYMENT", "local")
     mp.setenv("SPATIAL_ASSETS_HOME", str(tmp / "home"))
     mp.setenv("SPATIAL_ASSETS_EXECUTOR", "k8s")  # what the user deployment's env sets
+    # the code location is built when its module is imported: a module another test imported
+    # before (with the default executor) must be rebuilt, as a fresh user-code process would
+    import spatial_assets.definitions as definitions_module
+
+    importlib.reload(definitions_module)
     try:
         warnings.filterwarnings("ignore", category=dg.PreviewWarning)
         repo = ReconstructableRepository.for_module(
@@ -126,6 +132,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
             list(executor._step_handler.launch_step(step_context))
     finally:
         mp.undo()
+        importlib.reload(definitions_module)  # back to this process's environment
     (ns_run, run_job), (ns_step, step_job) = RecordingBatchApi.created
     assert ns_run == ns_step == "spatial-assets"
     return {"run": _manifest(run_job), "step": _manifest(step_job), "image": image}
