@@ -38,11 +38,17 @@ def build_training_set(
     target_proportions: Mapping[str, float] | str | None = None,
     strategy: str = "proportional",
     placeholder_labels: Sequence[str] | None = None,
-    min_cells_per_type: int = 10,
+    min_cells_per_type: int = 3,
     min_per_source: int = 0,
     seed: int = 0,
 ) -> tuple[AnnData, pd.DataFrame]:
-    """combine → ontology → balance; returns (balanced training set, ontology mapping table)."""
+    """combine → ontology → balance; returns (balanced training set, ontology mapping table).
+
+    ``min_cells_per_type=3``: a class a query may contain must exist in the model to be called at
+    all; dropping classes below 10 cells made their query cells always wrong, and keeping them
+    down to 3 cost nothing elsewhere (docs/celltyping.md). Such classes are flagged as rare in the
+    model card and ``uns['celltyping']['rare_classes']``.
+    """
     from spatial_assets.celltyping.balancing import cap_and_fill
     from spatial_assets.celltyping.ontology import apply_ontology
     from spatial_assets.celltyping.references import DEFAULT_PLACEHOLDER_LABELS, combine_references
@@ -69,17 +75,23 @@ def run_celltyping(
     references: Sequence[Any],
     spatial: AnnData,
     *,
-    confidence_threshold: float = 0.8,
+    confidence_threshold: float | None = None,
     max_cells_per_type: int = 5000,
     target_proportions: Mapping[str, float] | str | None = None,
     strategy: str = "proportional",
     seed: int = 0,
     placeholder_labels: Sequence[str] | None = None,
-    min_cells_per_type: int = 10,
+    min_cells_per_type: int = 3,
     alignment: str = "auto",
+    reg_per_cell: float | str = "auto",
     spatial_name: str = "spatial",
 ) -> CellTypingResult:
-    """Train on the references over the spatial panel and annotate ``spatial`` (not modified)."""
+    """Train on the references over the spatial panel and annotate ``spatial`` (not modified).
+
+    Defaults decide from the data: ``reg_per_cell="auto"`` (cross-validated on the reference, plus
+    the strong path for a platform shift), ``alignment="auto"`` (by the measured shift index) and
+    ``confidence_threshold=None`` (the model's threshold at its target precision).
+    """
     validate_spatial(spatial, spatial_name)
     panel = panel_genes(spatial)
     if not panel:
@@ -94,7 +106,7 @@ def run_celltyping(
         min_cells_per_type=min_cells_per_type,
         seed=seed,
     )
-    model = train_model(training, label_column=schema.CELL_TYPE, seed=seed)
+    model = train_model(training, label_column=schema.CELL_TYPE, seed=seed, reg_per_cell=reg_per_cell)
     annotated = annotate(
         spatial, model, confidence_threshold=confidence_threshold, alignment=alignment, seed=seed, name=spatial_name
     )
