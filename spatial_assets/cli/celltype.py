@@ -78,6 +78,8 @@ def cmd_celltype(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         seed=args.seed,
         placeholder_labels=placeholders,
+        reg_per_cell=args.reg_per_cell,
+        alignment=args.alignment,
         spatial_name=str(args.spatial),
     )
     out = result.annotated
@@ -92,8 +94,22 @@ def cmd_celltype(args: argparse.Namespace) -> int:
 
         write_celltyping_plots(out, args.plots, confidence_threshold=args.confidence_threshold, mapping_table=result.mapping_table)
     print(_summary(out))
-    print(f"alignment: {out.uns['celltyping'].get('alignment')}; written: {args.out}, {mapping_table_path(args.out)}")
+    info = out.uns["celltyping"]
+    print(f"{info.get('regime_reason')}; alignment: {info.get('alignment')}; confidence threshold {info.get('confidence_threshold'):.3f} "
+          f"({info.get('threshold_source')}); written: {args.out}, {mapping_table_path(args.out)}")
     return 0
+
+
+def _reg_per_cell(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        reg = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'auto', got {value!r}") from None
+    if not reg > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'auto', got {value!r}")
+    return reg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -102,7 +118,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--label-column", action="append", required=True, help="label column of the preceding --reference")
     p.add_argument("--spatial", required=True, help="spatial h5ad (path or s3://)")
     p.add_argument("--out", required=True, help="annotated h5ad to write (path or s3://)")
-    p.add_argument("--confidence-threshold", type=float, default=0.8)
+    p.add_argument(
+        "--confidence-threshold", type=float, default=None,
+        help="calls below it are Unassigned (default: the model's, where held-out reference cells reach 90%% precision)",
+    )
+    p.add_argument(
+        "--reg-per-cell", type=_reg_per_cell, default="auto",
+        help="L2 penalty per training cell, or 'auto' (cross-validated on the reference; default)",
+    )
+    p.add_argument(
+        "--alignment", choices=("auto", "none", "recenter"), default="auto",
+        help="query alignment; 'auto' recenters only when the platform-shift index detects a shift (default)",
+    )
     p.add_argument("--max-cells-per-type", type=int, default=5000)
     p.add_argument("--target-proportions", default=None, help="JSON {class: proportion} or 2-column CSV")
     p.add_argument("--strategy", default="proportional")
