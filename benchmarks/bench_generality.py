@@ -296,8 +296,15 @@ def print_summary(rows: list[dict]) -> None:
             b = [r[key] for r in rows if r["shift"]]
             print(f"alternative, {what} (recorded, not used): no-shift tasks {min(a):.3f}-{max(a):.3f}, shift tasks {min(b):.3f}-{max(b):.3f}")
         print(f"shift index: no-shift tasks {min(no):.3f}-{max(no):.3f}, shift tasks {min(yes):.3f}-{max(yes):.3f}; "
-              f"threshold {SHIFT_INDEX_THRESHOLD} (geometric midpoint of the gap: {np.sqrt(max(no) * min(yes)):.3f}); "
-              f"misclassified tasks: {sum((r['index'] > SHIFT_INDEX_THRESHOLD) != r['shift'] for r in rows)}")
+              f"threshold {SHIFT_INDEX_THRESHOLD}")
+        full = [r for r in rows if "[" not in r["task"]]
+        fno = [r["index"] for r in full if not r["shift"]]
+        fyes = [r["index"] for r in full if r["shift"]]
+        if fno and fyes:
+            print(f"  full-size tasks only: no-shift {min(fno):.3f}-{max(fno):.3f}, shift {min(fyes):.3f}-{max(fyes):.3f} "
+                  f"(geometric midpoint of the gap {np.sqrt(max(fno) * min(fyes)):.3f})")
+        wrong = [f"{r['task']} ({r['index']:.3f})" for r in rows if (r["index"] > SHIFT_INDEX_THRESHOLD) != r["shift"]]
+        print(f"  tasks on the wrong side of {SHIFT_INDEX_THRESHOLD}: {len(wrong)}{': ' + '; '.join(wrong) if wrong else ''}")
     print(f"rare classes kept (< 10 training cells): " + "; ".join(f"{r['task']}: {r['rare']}" for r in rows if len(r["rare"])) or "none")
     print(f"wall time: ours {sum(r['wall'] for r in rows):.1f} s (train + annotate), CellTypist {sum(r['ct_wall'] for r in rows):.1f} s")
 

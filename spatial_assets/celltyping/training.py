@@ -53,7 +53,8 @@ MODEL_FORMAT = "spatial_assets.celltypist-lr/1"
 AUTO = "auto"
 #: L2 penalties per training cell tried by the cross-validation, strongest first (warm starts);
 #: both regimes are read off this one walk
-CV_REG_GRID: tuple[float, ...] = tuple(float(f"{0.4 * 2 ** (-k / 2):.3g}") for k in range(25))  # 0.4 ... 1e-4, x sqrt(2)
+CV_GRID_STEP = 2.0
+CV_REG_GRID: tuple[float, ...] = tuple(float(f"{0.4 / CV_GRID_STEP**k:.3g}") for k in range(13))  # 0.4 ... 1e-4
 #: what the cross-validation minimises: held-out NLL after temperature scaling with every class
 #: weighted equally (a proper score, smooth, and as sensitive to small classes as balanced
 #: accuracy; the cell-weighted NLL let large classes decide and cost small-class recall — measured
@@ -66,6 +67,8 @@ CV_PATIENCE = 2
 #: classes with fewer training cells are kept but flagged as rare (card / uns)
 RARE_CLASS_CELLS = 10
 REGIMES = ("same_platform", "shifted")
+# float64 temporaries of column statistics are built over row chunks of this many elements (8 MB)
+_CHUNK_ELEMENTS = 1_000_000
 _PICKLE_PROTOCOL = 4
 # variance floor (in scaled units) for the class-conditional Gaussians used to score alignments:
 # sparse references often have genes never detected in a class (variance 0).
@@ -172,7 +175,7 @@ def _most_common(values: pd.Series, fallback: str) -> str:
 def _standardize_inplace(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """StandardScaler statistics (float64, two-pass) and ``X`` standardised in place; zero-variance genes keep scale 1."""
     n = X.shape[0]
-    step = max(1, 4_000_000 // max(X.shape[1], 1))
+    step = max(1, _CHUNK_ELEMENTS // max(X.shape[1], 1))
     mean = np.zeros(X.shape[1])
     for i in range(0, n, step):
         mean += X[i : i + step].sum(axis=0, dtype=np.float64)
@@ -417,33 +420,34 @@ def train_model(
 
     # ---- cross-validation along the path (out-of-fold logits for selection and calibration)
     cv_rows = _stratified_subsample(y_idx, K, max_cv_cells, seed)
-    Zcv = Z if len(cv_rows) == n else Z[cv_rows]
     ycv = y_idx[cv_rows]
     fold = _stratified_folds(ycv, K, cv_folds, seed)
     n_tr = np.array([(fold != f).sum() for f in range(cv_folds)])
-    thetas: list[np.ndarray | None] = [None] * cv_folds
-    theta_at: dict[float | None, list[np.ndarray]] = {}  # fold solutions per grid value (small: K x G each)
+    theta_at: dict[float | None, list[np.ndarray]] = {}  # fold solutions per value (small: K x G each)
     records: list[dict[str, Any]] = []
     path_sum: np.ndarray | None = None  # mode "path": the members' out-of-fold logits summed
-    best: dict[str, Any] | None = None
-    worse = 0
+
+    def rows_of(mask: np.ndarray) -> np.ndarray:
+        # rows straight from Z (a copy of just these rows; the CV subsample is never materialised)
+        return Z[cv_rows[mask]]
 
     def oof_logits(reg: float | None) -> np.ndarray:
         L = np.zeros((len(ycv), K))
         for f, theta in enumerate(theta_at[reg]):
             Wf, bf = split(theta)
-            L[fold == f] = logits_of(Zcv[fold == f], Wf, bf)
+            L[fold == f] = logits_of(rows_of(fold == f), Wf, bf)
         return L
 
-    for reg in grid:
+    def evaluate(reg: float | None, init: list[np.ndarray | None]) -> tuple[dict[str, Any], np.ndarray]:
+        thetas = []
         for f in range(cv_folds):
             tr = fold != f
-            # a copy of the training rows (2/3 of the CV matrix) costs less than computing on held-out rows
+            # a copy of the training rows costs less than computing on held-out rows with weight 0
             Wf, bf, _ = _fit_multinomial(
-                Zcv[tr], ycv[tr], K, l2_of(reg, int(n_tr[f])), weights=None, max_iter=max_iter, tol=tol, init=thetas[f]
+                rows_of(tr), ycv[tr], K, l2_of(reg, int(n_tr[f])), weights=None, max_iter=max_iter, tol=tol, init=init[f]
             )
-            thetas[f] = np.concatenate([Wf.ravel(), bf])
-        theta_at[reg] = [t.copy() for t in thetas]  # type: ignore[union-attr]
+            thetas.append(np.concatenate([Wf.ravel(), bf]))
+        theta_at[reg] = thetas
         L = oof_logits(reg)
         T = fit_temperature(L, ycv)
         cb, cb_se = _class_balanced_nll(L, ycv, T)
@@ -460,11 +464,24 @@ def train_model(
             "held_out_balanced_accuracy": _balanced_accuracy(pred, ycv),
         }
         records.append(rec)
-        if mode == "path":
-            path_sum = L if path_sum is None else path_sum + L
+        return rec, L
+
+    def better(rec: dict[str, Any], than: dict[str, Any] | None) -> bool:
         # ties (within CV_TIE_NATS) go to the weaker value: on a separable reference every value
         # reaches ~0 held-out loss, and the weaker one keeps the larger margins
-        if best is None or rec[CV_CRITERION] <= best[CV_CRITERION] + CV_TIE_NATS:
+        return than is None or rec[CV_CRITERION] < than[CV_CRITERION] - CV_TIE_NATS or (
+            rec[CV_CRITERION] <= than[CV_CRITERION] + CV_TIE_NATS and (rec["reg_per_cell"] or 0.0) < (than["reg_per_cell"] or 0.0)
+        )
+
+    best: dict[str, Any] | None = None
+    worse = 0
+    init: list[np.ndarray | None] = [None] * cv_folds
+    for reg in grid:
+        rec, L = evaluate(reg, init)
+        init = list(theta_at[reg])
+        if mode == "path":
+            path_sum = L if path_sum is None else path_sum + L
+        if better(rec, best):
             best, worse = rec, 0
         else:
             worse += 1
@@ -478,11 +495,29 @@ def train_model(
     # one standard error of the minimum. Under a shift the reference's held-out loss is an
     # optimistic proxy for the query's, so the most robust model the reference cannot tell apart
     # from the best is preferred; where stronger shrinkage measurably costs (small classes), it is
-    # not taken.
+    # not taken. Both are refined once between grid values (factor sqrt(CV_GRID_STEP)).
     n_tr_mean = float(n_tr.mean())
     if mode == AUTO:
+        half = float(np.sqrt(CV_GRID_STEP))
+
+        def nearest_init(reg: float) -> list[np.ndarray | None]:
+            known = [r for r in theta_at if r is not None]
+            return list(theta_at[min(known, key=lambda r: abs(np.log(r / reg)))])
+
+        b0 = float(best["reg_per_cell"])
+        for cand in (b0 * half, b0 / half):  # around the minimum
+            if grid[-1] <= cand <= grid[0]:
+                rec, _ = evaluate(float(f"{cand:.3g}"), nearest_init(cand))
+                if better(rec, best):
+                    best = rec
         limit = best[CV_CRITERION] + best[f"{CV_CRITERION}_se"]
         one_se = max((r for r in records if r[CV_CRITERION] <= limit), key=lambda r: r["reg_per_cell"])
+        cand = float(f"{one_se['reg_per_cell'] * half:.3g}")
+        if cand <= grid[0] and cand not in theta_at:  # between the one-SE value and the next, failing, one
+            rec, _ = evaluate(cand, nearest_init(cand))
+            if rec[CV_CRITERION] <= limit:
+                one_se = rec
+        records.sort(key=lambda r: -(r["reg_per_cell"] or 0.0))
         regs = {"same_platform": float(best["reg_per_cell"]), "shifted": float(one_se["reg_per_cell"])}
         cals = {k: _calibration(oof_logits(v), ycv, target_precision) for k, v in regs.items()}
         # same_platform refits the chosen C on all cells (LogisticRegressionCV): the penalty is a prior
@@ -545,12 +580,12 @@ def train_model(
         variances[k] = np.square(Zk - means[k]).mean(axis=0)
     # per-gene kurtosis of the standardised reference: how noisy its sds are (shift index)
     m4 = np.zeros(Z.shape[1])
-    step = max(1, 4_000_000 // max(Z.shape[1], 1))
+    step = max(1, _CHUNK_ELEMENTS // max(Z.shape[1], 1))
     for i in range(0, n, step):
         m4 += np.square(np.square(Z[i : i + step], dtype=np.float64)).sum(axis=0)
     zvar = var / np.square(scale)  # 1 for every gene with spread, 0 for constant ones
     clf.gene_kurtosis_ = np.where(zvar > 0, m4 / n / np.where(zvar > 0, zvar, 1.0) ** 2, 3.0).astype(np.float32)
-    del Z, X, Zcv, theta_at
+    del Z, X, theta_at
     clf.class_means_ = means.astype(np.float32)
     clf.class_vars_ = variances.astype(np.float32)
     clf.class_counts_ = counts.astype(np.int64)

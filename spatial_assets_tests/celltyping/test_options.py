@@ -96,3 +96,25 @@ def test_platform_settings_pass_the_options_through(tmp_path):
     prov = annotated.uns[schema.PROVENANCE_UNS]
     assert prov["confidence_threshold"] == pytest.approx(info["confidence_threshold"])
     assert prov["alignment"] == "none" and prov["regime"] == info["regime"]
+
+
+def test_decision_and_model_metadata_are_json_ready(tmp_path):
+    from spatial_assets.celltyping.annotation import annotate
+    from spatial_assets.celltyping.pipeline import decision_metadata, model_metadata
+    from spatial_assets.celltyping.training import train_model
+
+    ref_path, spatial_path = _files(tmp_path)
+    ref = ad.read_h5ad(ref_path)
+    X = ref.X.toarray()
+    ref.X = sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 1e4).astype(np.float32))
+    ref.obs = pd.DataFrame({schema.CELL_TYPE: ref.obs["label"].to_numpy()}, index=ref.obs_names)
+    model = train_model(ref)
+    out = annotate(ad.read_h5ad(spatial_path), model)
+    meta = decision_metadata(out)
+    json.dumps(meta, allow_nan=False)  # plain JSON, no NaN
+    assert meta["regime"] == out.uns[schema.CELLTYPING_UNS]["regime"] and "shift index" in meta["regime_reason"]
+    assert meta["coverage_curve_reference"]["threshold"] and meta["confidence_threshold"] > 0
+    mm = model_metadata(model)
+    json.dumps(mm, allow_nan=False)
+    assert set(mm["regimes"]) == {"same_platform", "shifted"} and mm["cv_grid"]
+    assert mm["regimes"]["same_platform"]["threshold_verified"] and not mm["regimes"]["shifted"]["threshold_verified"]
