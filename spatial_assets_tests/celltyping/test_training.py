@@ -164,8 +164,12 @@ def test_cross_validation_follows_the_data():
     assert reg["separable"] < reg["overlapping"] < reg["noisy labels"]
     for m in models.values():
         grid = m.card["cross_validation"]["grid"]
-        # walked strongest -> weakest, the choice is the recorded minimum (ties to the weaker value)
-        assert [r["reg_per_cell"] for r in grid] == list(CV_REG_GRID[: len(grid)])
+        # walked strongest -> weakest (a prefix of the grid, plus refinements between grid values),
+        # the choice is the recorded minimum (ties to the weaker value)
+        walked = [r["reg_per_cell"] for r in grid]
+        on_grid = [r for r in walked if r in CV_REG_GRID]
+        assert on_grid == list(CV_REG_GRID[: len(on_grid)]) and walked == sorted(walked, reverse=True)
+        assert len(walked) - len(on_grid) <= 3
         crit = {r["reg_per_cell"]: r["held_out_nll_class_balanced"] for r in grid}
         same, shifted = m.regime("same_platform"), m.regime("shifted")
         assert crit[same["cv_reg_per_cell"]] <= min(crit.values()) + 1e-4
