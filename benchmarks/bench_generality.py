@@ -217,7 +217,7 @@ def run_task(task: Task, tmp: Path, *, ablations: bool = False, reg_sweep: bool 
     ct_wall = time.perf_counter() - t1
     ct = _metrics(task, ct_pred, ct_conf, ct_conf >= 0.5, origins)
     row = {
-        "task": task.name, "shift": task.shift, "ours": ours, "celltypist": ct, "index": info["shift_index"], "index_nc": info["shift_index_noise_corrected"], "mean_index": info["shift_mean_index"],
+        "task": task.name, "shift": task.shift, "ours": ours, "celltypist": ct, "index": info["shift_index"], "mean_index": info["shift_mean_index"],
         "regime": info["regime"], "alignment": info["alignment"], "threshold": info["confidence_threshold"],
         "reg": res.model.regime(info["regime"]).get("reg_per_cell"), "n_classes": len(res.model.classes),
         "n_genes": len(res.model.genes), "rare": info["rare_classes"], "wall": wall, "ct_wall": ct_wall,
@@ -260,10 +260,10 @@ def _fmt(m: dict) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = "acc   bal   AUROC Unass  as.acc"
-    print(f"{'task':52s} {'shift':5s} {'index':>6s} {'(n.c.)':>6s} {'mean':>6s} {'regime':13s} {'align':8s} {'thr':>5s} | ours: {head} | CellTypist: {head} | d_acc  d_bal")
+    print(f"{'task':52s} {'shift':5s} {'index':>6s} {'mean':>6s} {'regime':13s} {'align':8s} {'thr':>5s} | ours: {head} | CellTypist: {head} | d_acc  d_bal")
     for r in rows:
         o, c = r["ours"], r["celltypist"]
-        print(f"{r['task']:52s} {'yes' if r['shift'] else 'no':5s} {r['index']:6.3f} {r['index_nc']:6.3f} {r['mean_index']:6.3f} {r['regime']:13s} {r['alignment']:8s} "
+        print(f"{r['task']:52s} {'yes' if r['shift'] else 'no':5s} {r['index']:6.3f} {r['mean_index']:6.3f} {r['regime']:13s} {r['alignment']:8s} "
               f"{r['threshold']:5.2f} | {_fmt(o)} | {_fmt(c)} | {o['acc'] - c['acc']:+.3f} {o['bal'] - c['bal']:+.3f}")  # fmt: skip
 
 
@@ -291,7 +291,7 @@ def print_summary(rows: list[dict]) -> None:
     no = [r["index"] for r in rows if not r["shift"]]
     yes = [r["index"] for r in rows if r["shift"]]
     if no and yes:
-        for key, what in (("index_nc", "noise-corrected dispersion index"), ("mean_index", "mean-residual index")):
+        for key, what in (("mean_index", "mean-residual index"),):
             a = [r[key] for r in rows if not r["shift"]]
             b = [r[key] for r in rows if r["shift"]]
             print(f"alternative, {what} (recorded, not used): no-shift tasks {min(a):.3f}-{max(a):.3f}, shift tasks {min(b):.3f}-{max(b):.3f}")

@@ -9,13 +9,13 @@ densities in different coordinates). What separates the cases is whether the que
 1. composition: least squares on the simplex of the query's per-gene means against the
    reference's per-class means (``min ||M.T pi - m||²``, ``pi >= 0``, ``sum pi = 1``);
 2. index: median over genes of ``|log(query sd / sd of the reference mixture at pi)|``, the mixture
-   sd including the between-class spread (``sum pi (var_k + mu_k²) - (sum pi mu_k)²``). Each
-   gene's sampling noise can be taken out: an sd estimated from ``n`` cells has ``var(log sd) ≈
-   (kurtosis - 1) / (4 n)``, large for sparsely detected genes and small samples, giving
-   ``sqrt(max(d² - s²_query - s²_reference, 0))`` — recorded as ``index_noise_corrected``; it
-   is NOT what decides: it removed the signal of a mild simulated platform effect (which lives in
-   the sparsely detected genes) more than the slice-to-slice differences of same-platform pairs
-   (measured, docs/celltyping.md).
+   sd including the between-class spread (``sum pi (var_k + mu_k²) - (sum pi mu_k)²``).
+
+Measured and not used (docs/celltyping.md): discounting each gene's sampling noise (``var(log sd)
+≈ (kurtosis - 1) / 4n``) removed the signal of a mild simulated platform effect, which lives in the
+sparsely detected genes, more than the slice-to-slice differences of same-platform pairs; the
+median standardised residual of the composition fit (``mean_index``, still recorded) does not
+separate the cases either.
 
 A composition change alone moves the means and the mixture sd together (the index stays near
 0); a platform effect (per-gene detection efficiency, depth) rescales genes independently of the
@@ -64,17 +64,12 @@ def dispersion_shift_index(
     query_mean: np.ndarray,
     query_sd: np.ndarray,
     *,
-    query_kurtosis: np.ndarray | None = None,
-    n_query: int | None = None,
-    reference_kurtosis: np.ndarray | None = None,
-    n_reference: int | None = None,
     sd_floor: float = SD_FLOOR,
 ) -> dict[str, Any]:
     """The composition-adjusted dispersion index (module docstring) and what it was computed from.
 
     All inputs are in the same standardised space. Genes with no spread in the reference
-    (every class constant) carry no information and are left out. ``index`` discounts each
-    gene's sampling noise when kurtosis and cell numbers are given; ``index_raw`` does not.
+    (every class constant) carry no information and are left out.
     """
     M = np.asarray(class_means, dtype=np.float64)
     V = np.asarray(class_vars, dtype=np.float64)
@@ -84,22 +79,14 @@ def dispersion_shift_index(
     ref_spread = (V.max(axis=0) > 0) | (np.ptp(M, axis=0) > 0)
     sd_mix = np.maximum(np.sqrt(mix_var), sd_floor)
     sd_q = np.maximum(np.asarray(query_sd, dtype=np.float64), sd_floor)
-    d = np.log(sd_q / sd_mix)
-    noise = np.zeros_like(d)
-    for kurt, n in ((query_kurtosis, n_query), (reference_kurtosis, n_reference)):
-        if kurt is not None and n:
-            noise += np.maximum(np.asarray(kurt, dtype=np.float64) - 1.0, 0.0) / (4.0 * n)
-    d, noise = d[ref_spread], noise[ref_spread]
+    d = np.log(sd_q / sd_mix)[ref_spread]
     if d.size == 0:
-        return {"index": float("nan"), "index_noise_corrected": float("nan"), "mean_index": float("nan"), "n_genes": 0, "composition": pi}
+        return {"index": float("nan"), "mean_index": float("nan"), "n_genes": 0, "composition": pi}
     resid = ((np.asarray(query_mean, dtype=np.float64) - mix_mean) / sd_mix)[ref_spread]
     return {
         "index": float(np.median(np.abs(d))),
-        "index_noise_corrected": float(np.median(np.sqrt(np.maximum(d**2 - noise, 0.0)))),
         "mean_index": float(np.median(np.abs(resid))),
         "median_log_sd_ratio": float(np.median(d)),
-        "median_noise_sd": float(np.median(np.sqrt(noise))),
         "n_genes": int(d.size),
         "composition": pi,
-        "mean_residual": float(np.sqrt(np.mean((mix_mean - np.asarray(query_mean)) ** 2))),
     }

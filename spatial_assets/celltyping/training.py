@@ -578,13 +578,6 @@ def train_model(
         Zk = Z[order[bounds[k] : bounds[k + 1]]]
         means[k] = Zk.mean(axis=0, dtype=np.float64)
         variances[k] = np.square(Zk - means[k]).mean(axis=0)
-    # per-gene kurtosis of the standardised reference: how noisy its sds are (shift index)
-    m4 = np.zeros(Z.shape[1])
-    step = max(1, _CHUNK_ELEMENTS // max(Z.shape[1], 1))
-    for i in range(0, n, step):
-        m4 += np.square(np.square(Z[i : i + step], dtype=np.float64)).sum(axis=0)
-    zvar = var / np.square(scale)  # 1 for every gene with spread, 0 for constant ones
-    clf.gene_kurtosis_ = np.where(zvar > 0, m4 / n / np.where(zvar > 0, zvar, 1.0) ** 2, 3.0).astype(np.float32)
     del Z, X, theta_at
     clf.class_means_ = means.astype(np.float32)
     clf.class_vars_ = variances.astype(np.float32)
