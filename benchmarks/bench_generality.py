@@ -320,7 +320,10 @@ def print_ablations(rows: list[dict]) -> None:
         ma = np.mean([r["ablations"][k]["acc"] for r in rows])
         mb = np.mean([r["ablations"][k]["bal"] for r in rows])
         wa = min(r["ablations"][k]["acc"] - r["celltypist"]["acc"] for r in rows)
-        print(f"  {k:26s} mean acc {ma:.3f} bal {mb:.3f}; worst acc margin vs CellTypist {wa:+.3f}")
+        wb = min(r["ablations"][k]["bal"] - r["celltypist"]["bal"] for r in rows)
+        fails = sum(r["ablations"][k]["acc"] < r["celltypist"]["acc"] - 0.02 or r["ablations"][k]["bal"] < r["celltypist"]["bal"] - 0.02 for r in rows)
+        print(f"  {k:26s} mean acc {ma:.3f} bal {mb:.3f}; worst margin vs CellTypist acc {wa:+.3f} bal {wb:+.3f}; "
+              f"tasks below CellTypist - 0.02: {fails}")
 
 
 def print_sweep(rows: list[dict]) -> None:
