@@ -139,7 +139,7 @@ class LocalDaemon:
             self.instance.add_backfill(backfill)
             target = set(subset.iterate_asset_partitions())
             parents = {
-                ap: {p for p in graph.get_parents_partitions(ap.asset_key, ap.partition_key).parents_partitions
+                ap: {p for p in graph.get_parents_partitions(ap.asset_key, ap.partition_key).parent_partitions
                      if p in target and p != ap}
                 for ap in target
             }
