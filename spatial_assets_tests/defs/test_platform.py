@@ -416,6 +416,10 @@ def test_model_materialization_records_regularisation_thresholds_rare_classes_an
         same = sorted((r for r in curve if r["regime"] == "same_platform"), key=lambda r: r["threshold"])
         assert [r["unassigned_fraction"] for r in same] == sorted(r["unassigned_fraction"] for r in same)
         assert "data:image/png;base64," in meta["plot_coverage_accuracy"]
+        print(f"model {panel}: reg_per_cell same_platform {meta['reg_per_cell_same_platform']:g} / shifted "
+              f"{meta['reg_per_cell_shifted']:g}; thresholds {meta['confidence_threshold_same_platform']:.3f} "
+              f"(coverage {meta['expected_coverage_same_platform']:.3f}) / {meta['confidence_threshold_shifted']:.3f} "
+              f"(coverage {meta['expected_coverage_shifted']:.3f}); rare: {meta['rare_classes']}")
         png = platform.store.read_bytes(f"assets/celltype_model/{panel}.plots/coverage_accuracy.png")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -446,6 +450,9 @@ def test_annotation_materialization_records_the_shift_decision(platform):
         assert float(prov["shift_index"]) == pytest.approx(meta["shift_index"])
         unassigned = float((adata.obs["cell_type"] == "Unassigned").mean())
         assert meta["unassigned_fraction"] == pytest.approx(unassigned)
+        print(f"{sid}: shift index {meta['shift_index']:.3f} -> {meta['regime']}, alignment {meta['alignment']}, "
+              f"threshold {meta['confidence_threshold']:.3f} (expected coverage {meta['threshold_expected_coverage']:.3f}, "
+              f"verified {meta['threshold_verified']}), Unassigned {unassigned:.3f}")
     # the POA scRNA-seq reference against MERFISH slices: a platform shift (index ~0.4)
     assert platform.latest_metadata("cell_type_annotations", SLICES[0])["platform_shift"]
 
@@ -469,6 +476,8 @@ def test_reg_per_cell_and_alignment_settings_reach_the_assets(platform):
         assert ann["reg_per_cell"] == "[0.02]"
         assert platform.annotations(SUBSET).uns["provenance"]["settings"]["alignment"] == "none"
     finally:  # back to the deployment's settings, and let the sensors bring the platform to rest
+        # a tick first: the hand-made annotation run must be seen as handled before the model changes again
+        assert all(r.success for r in platform.daemon.run_until_quiet())
         platform.defs.resolve_job_def("panel_models_job").execute_in_process(
             instance=platform.instance, partition_key=panel, asset_selection=[dg.AssetKey("celltype_model")]
         )
