@@ -174,3 +174,13 @@ def test_settings_from_env_reads_and_checks_the_celltyping_knobs(monkeypatch):
     with pytest.raises(ValueError, match="reg_per_cell must be 'auto' or a positive number, got '-1'"):
         settings_from_env()
     check_celltyping_settings("auto", "recenter")  # valid: no error
+
+
+def test_a_deployment_threshold_is_recorded_as_the_callers(same):
+    model, query = same
+    out = annotate_sample(query, model, Settings(confidence_threshold=0.5), run_id="r", sample_id="s")
+    d = annotation_decisions(out)
+    assert d["confidence_threshold"] == 0.5 and d["threshold_source"] == "caller"
+    assert not d["threshold_verified"] and d["threshold_note"] == "set by the caller"
+    assert np.isnan(d["threshold_expected_coverage"])
+    assert out.uns[schema.PROVENANCE_UNS]["settings"]["confidence_threshold"] == 0.5
