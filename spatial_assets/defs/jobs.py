@@ -42,8 +42,11 @@ domain_model_job = dg.define_asset_job(
 )
 domains_job = dg.define_asset_job(
     "domains_job",
-    selection=dg.AssetSelection.assets("spatial_domains", "domain_composition", "domain_markers"),
-    description="Assign one sample's domains with the shared model, then composition and markers (partition = sample id).",
+    selection=dg.AssetSelection.assets("spatial_domains", "domain_composition", "domain_markers", "spatially_variable_genes"),
+    description=(
+        "Assign one sample's domains with the shared model, then composition and markers; and the sample's "
+        "spatially variable genes (partition = sample id)."
+    ),
     tags={"spatial_assets/area": "domains"},
 )
 

@@ -27,6 +27,7 @@ EXPECTED_ASSETS = {
     "spatial_domains": ("samples", "domains", {"anndata", "s3"}),
     "domain_composition": ("samples", "domains", {"parquet", "s3"}),
     "domain_markers": ("samples", "domains", {"parquet", "s3"}),
+    "spatially_variable_genes": ("samples", "domains", {"parquet", "s3"}),
 }
 # asset: {parent: partition mapping}
 EXPECTED_DEPS = {
@@ -46,6 +47,7 @@ EXPECTED_DEPS = {
     "spatial_domains": {"spatial_cells": "IdentityPartitionMapping", "domain_model": None},
     "domain_composition": {"spatial_domains": "IdentityPartitionMapping", "cell_type_annotations": "IdentityPartitionMapping"},
     "domain_markers": {"spatial_domains": "IdentityPartitionMapping"},
+    "spatially_variable_genes": {"spatial_cells": "IdentityPartitionMapping"},
 }
 # (asset, check, blocking, partitions)
 EXPECTED_CHECKS = {
@@ -64,7 +66,7 @@ EXPECTED_JOBS = {
     "panel_models_job": ({"gene_panel", "training_set", "label_mapping", "celltype_model"}, "panels"),
     "celltyping_job": ({"cell_type_annotations", "cell_type_summary"}, "samples"),
     "domain_model_job": ({"domain_model"}, None),
-    "domains_job": ({"spatial_domains", "domain_composition", "domain_markers"}, "samples"),
+    "domains_job": ({"spatial_domains", "domain_composition", "domain_markers", "spatially_variable_genes"}, "samples"),
 }
 # asset: label of its automation condition (None: driven by a sensor)
 EXPECTED_AUTOMATION = {
@@ -81,6 +83,7 @@ EXPECTED_AUTOMATION = {
     "spatial_domains": "eager, once upstream blocking checks passed",
     "domain_composition": "eager: when an upstream partition updates",
     "domain_markers": "eager: when an upstream partition updates",
+    "spatially_variable_genes": "eager, once upstream blocking checks passed",
 }
 
 
