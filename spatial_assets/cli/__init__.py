@@ -17,11 +17,11 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from spatial_assets.cli import audit, celltype, domains
+    from spatial_assets.cli import audit, celltype, deconvolve, domains
 
     parser = argparse.ArgumentParser(prog="spatial-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (celltype, domains, audit):
+    for module in (celltype, domains, deconvolve, audit):
         module.add_parser(sub)
     return parser
 
