@@ -98,6 +98,7 @@ def _mu_fit(
     n_iter: int,
     tol: float,
     dtype: type = np.float32,
+    excess: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Non-negative W maximising the (weighted) Poisson likelihood of Y ≈ W·S by multiplicative updates.
 
@@ -112,6 +113,7 @@ def _mu_fit(
     S32 = np.ascontiguousarray(S, dtype=dtype)
     colsum = S.sum(axis=1)
     phi32 = None if phi is None else np.asarray(phi, dtype=dtype)[None, :]
+    E32 = None if excess is None else np.ascontiguousarray(excess, dtype=dtype)
     rows = np.arange(W.shape[0])  # rows of the working block
     Yw = np.asarray(Y, dtype=dtype)
     one, floor = dtype(1.0), dtype(1e-20)
@@ -125,8 +127,12 @@ def _mu_fit(
             C = L * phi32
             C += one
             np.reciprocal(C, out=C)  # c = 1 / (1 + φλ)
+        elif E32 is not None:
+            C = Wa.astype(dtype) @ E32
+            C += L
+            np.divide(L, C, out=C)  # c = λ / (λ + Σ_k w_k e_k)
         np.divide(Yw, L, out=L)  # L now holds y / λ
-        if phi32 is None:
+        if phi32 is None and E32 is None:
             num = L @ S32.T
             den = colsum[None, :]
         else:
@@ -146,10 +152,33 @@ def _mu_fit(
     return W, it
 
 
-def _dispersion_moments(Y: np.ndarray, W: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per gene Σ_i ((y−λ)² − y) and Σ_i λ², λ = W·S."""
+def _dispersion_moments(Y: np.ndarray, W: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Per gene sums over spots of a = (y−λ)² − y and d = λ², and of a², a·d, d² (for their noise); λ = W·S."""
     L = W @ S
-    return ((Y - L) ** 2 - Y).sum(axis=0), (L**2).sum(axis=0)
+    a = (Y - L) ** 2 - Y
+    d = L**2
+    return np.stack([a.sum(axis=0), d.sum(axis=0), (a * a).sum(axis=0), (a * d).sum(axis=0), (d * d).sum(axis=0)])
+
+
+def shrunk_dispersion(m: np.ndarray, mode: str = "eb") -> tuple[np.ndarray, float]:
+    """Per-gene NB dispersion from the moment sums of :func:`_dispersion_moments`.
+
+    φ̂_g = Σa/Σd (method of moments, Σ over spots) has a sampling variance v_g (delta method, from
+    the same sums). ``"eb"``: normal–normal empirical Bayes — each φ̂_g is pulled towards the pooled
+    value φ₀ = ΣΣa/ΣΣd by v_g / (v_g + τ²), τ² = the spread of the true φ_g across genes (variance of
+    φ̂_g minus the mean v_g). Few spots → noisy φ̂_g → close to φ₀; many → each gene its own.
+    ``"global"``: φ₀ for every gene.
+    """
+    A, D, AA, AD, DD = m
+    D = np.maximum(D, 1e-300)
+    phi0 = max(0.0, float(A.sum() / D.sum()))
+    if mode == "global":
+        return np.full(A.size, phi0), phi0
+    phi_hat = A / D
+    v = np.maximum(AA - 2 * phi_hat * AD + phi_hat**2 * DD, 0.0) / D**2
+    tau2 = max(0.0, float(np.var(phi_hat) - np.mean(v)))
+    weight = tau2 / (tau2 + v) if tau2 > 0 else np.zeros_like(v)
+    return np.maximum(0.0, phi0 + weight * (phi_hat - phi0)), phi0
 
 
 def run_platform_nb(
@@ -166,11 +195,17 @@ def run_platform_nb(
     2. Platform effects, as RCTD's ``fitBulk``: the pseudo-bulk of all spots is fitted with S
        (Poisson), and each gene's profile is rescaled by observed / fitted bulk — a gene the spatial
        assay detects 5× better than scRNA-seq gets 5× its reference expression.
-    3. A Poisson fit of the spots (of a seeded sample of 20,000 when there are more) gives the
-       per-gene overdispersion φ_g = Σ((y−λ)² − y) / Σλ² (method of moments), shrunk towards the
-       all-gene value with one median gene's weight; genes that vary from cell to cell beyond their
-       mean (markers of sub-states, platform noise) then count less.
+    3. A Poisson fit of the spots (of a seeded sample of 20,000 when there are more) gives each
+       gene's overdispersion by the method of moments, φ̂_g = Σ((y−λ)² − y) / Σλ², shrunk towards the
+       all-gene value by normal–normal empirical Bayes (:func:`shrunk_dispersion`: the noisier φ̂_g,
+       the stronger the pull); genes that vary beyond their mean from spot to spot then count less.
     4. The NB fit of every spot with those φ_g; proportions = weights / their sum.
+
+    ``method_params``: ``platform_effects`` (True), ``per_gene_dispersion`` (True; False = one φ for
+    all genes), ``variance`` ("nb"; "reference" = the variance of a sum of cells from the reference's
+    own per-class variances instead of φ), ``n_iter`` (300), ``tol`` (1e-4, largest change of a
+    spot's proportions in an iteration), ``dispersion_spots`` (20,000), ``block_size`` (10,000).
+    All measured in docs/deconvolution.md.
     """
     p = dict(params or {})
     n_iter = int(p.get("n_iter", 300))
@@ -178,12 +213,20 @@ def run_platform_nb(
     block = int(p.get("block_size", 10_000))
     platform = bool(p.get("platform_effects", True))
     per_gene = bool(p.get("per_gene_dispersion", True))
+    variance = str(p.get("variance", "nb"))
+    if variance not in ("nb", "reference"):
+        raise DeconvolutionInputError(f"platform_nb: variance must be 'nb' or 'reference', got {variance!r}")
     S_full = ref.mean_profiles()
     ysum = np.asarray(Y.sum(axis=0)).ravel().astype(np.float64)
     genes = np.flatnonzero((S_full.sum(axis=0) > 0) & (ysum > 0))
     n, K = Y.shape[0], S_full.shape[0]
     W_out = np.zeros((n, K))
-    info: dict[str, Any] = {"n_genes_used": int(genes.size), "platform_effects": platform, "per_gene_dispersion": per_gene}
+    info: dict[str, Any] = {
+        "n_genes_used": int(genes.size),
+        "platform_effects": platform,
+        "per_gene_dispersion": per_gene,
+        "variance": variance,
+    }
     if genes.size == 0:
         return MethodResult(W_out, np.zeros(n, dtype=bool), info, "cells")
     S = S_full[:, genes]
@@ -206,33 +249,29 @@ def run_platform_nb(
     sub = np.flatnonzero(has)
     if sub.size > n_disp:
         sub = np.sort(np.random.default_rng(seed).choice(sub, size=n_disp, replace=False))
-    num = np.zeros(genes.size)
-    den = np.zeros(genes.size)
+    moments = np.zeros((5, genes.size))
     iters = []
     for start in range(0, sub.size, block):
         rows = sub[start : start + block]
         Yb = Yg[rows].toarray()
         W_out[rows], it = _mu_fit(Yb, S, W_out[rows], phi=None, n_iter=n_iter, tol=tol)
         iters.append(it)
-        a, d = _dispersion_moments(Yb, W_out[rows], S)
-        num += a
-        den += d
-    phi_all = max(0.0, float(num.sum() / max(den.sum(), 1e-300)))
-    if per_gene:
-        prior = float(np.median(den))
-        phi = np.maximum(0.0, (num + phi_all * prior) / np.maximum(den + prior, 1e-300))
-    else:
-        phi = np.full(genes.size, phi_all)
+        moments += _dispersion_moments(Yb, W_out[rows], S)
+    phi, phi_all = shrunk_dispersion(moments, "eb" if per_gene else "global")
+    excess = None
+    if variance == "reference":
+        ex = ref.excess_variance()[:, genes]
+        excess = ex * (factor[genes] ** 2)[None, :]
     info["dispersion_all_genes"] = phi_all
     info["dispersion_quantiles"] = np.quantile(phi, [0.05, 0.5, 0.95])
     info["dispersion_spots"] = int(sub.size)
-    nb = phi if (phi > 0).any() else None
-    if nb is not None or sub.size < n:
+    nb = phi if (phi > 0).any() and excess is None else None
+    if nb is not None or excess is not None or sub.size < n:
         for start in range(0, n, block):
             stop = min(start + block, n)
-            W_out[start:stop], it = _mu_fit(Yg[start:stop].toarray(), S, W_out[start:stop], phi=nb, n_iter=n_iter, tol=tol)
+            W_out[start:stop], it = _mu_fit(Yg[start:stop].toarray(), S, W_out[start:stop], phi=nb, n_iter=n_iter, tol=tol, excess=excess)
             iters.append(it)
-    info["max_iterations_used"] = int(max(iters))
+    info["max_iterations_used"] = int(max(iters, default=0))
     info["n_iter"], info["tol"] = n_iter, tol
     W_out[~has] = 0.0
     res = MethodResult(_normalise_rows(W_out), has & (W_out.sum(axis=1) > 0), info, "cells")

@@ -31,7 +31,7 @@ def _save(fig: Figure, out: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".png", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
+            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -41,7 +41,6 @@ def _save(fig: Figure, out: Path) -> Path:
 
 def _marker_size(xy: np.ndarray, ax_inches: float, n: int) -> float:
     """Marker area (pt²) so neighbouring spots about touch, whatever the units of the coordinates."""
-    span = float(np.ptp(xy, axis=0).max()) or 1.0
     per_side = max(np.sqrt(n), 1.0)
     return float(np.clip((ax_inches * 72.0 / per_side) ** 2, 0.05, 80.0))
 
@@ -81,7 +80,7 @@ def deconvolution_plots(
     codes = dom.cat.codes.to_numpy()[idx]
     fig = Figure(figsize=(8.5, 7))
     ax = fig.add_subplot(111)
-    size = _marker_size(pts, 6.0, len(idx))
+    size = _marker_size(pts, 7.0, len(idx))
     cmap = _palette(len(cats))
     for c, name in enumerate(cats):
         m = codes == c

@@ -73,6 +73,18 @@ class DeconvolutionReference:
         n = np.bincount(codes, minlength=K).astype(np.float64)
         return sums / n[:, None]
 
+    def excess_variance(self) -> np.ndarray:
+        """(K, G) per-class variance of counts per cell beyond Poisson (variance − mean, ≥ 0)."""
+        codes = self.class_codes()
+        K = len(self.classes)
+        ind = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(K, codes.size))
+        n = np.bincount(codes, minlength=K).astype(np.float64)[:, None]
+        m1 = np.asarray((ind @ self.counts).todense(), dtype=np.float64) / n
+        sq = self.counts.multiply(self.counts).tocsr()
+        m2 = np.asarray((ind @ sq).todense(), dtype=np.float64) / n
+        var = (m2 - m1**2) * n / np.maximum(n - 1, 1)
+        return np.maximum(var - m1, 0.0)
+
     def cells_per_class(self) -> dict[str, int]:
         n = np.bincount(self.class_codes(), minlength=len(self.classes))
         return {c: int(k) for c, k in zip(self.classes, n)}

@@ -198,3 +198,13 @@ def test_check_proportions_reports_what_is_wrong(default_result) -> None:
     assert any("negative" in p for p in rep.problems) and rep.to_dict()["n_spots"] == out.n_obs
     del out.obsm[PROPORTIONS_KEY]
     assert check_proportions(out).problems == [f"obsm['{PROPORTIONS_KEY}'] is missing"]
+
+
+def test_platform_nb_variants_and_their_record(small_case) -> None:
+    spots, ref = small_case
+    out = deconvolve(spots, ref, label_column="cell_type", method_params={"variance": "reference"})
+    assert check_proportions(out).passed and truth_r(out, spots) > 0.9
+    params = out.uns["deconvolution"]["parameters"]
+    assert params["variance"] == "reference" and params["n_genes_used"] == spots.n_vars
+    with pytest.raises(DeconvolutionInputError, match="variance must be"):
+        deconvolve(spots, ref, label_column="cell_type", method_params={"variance": "gamma"})
