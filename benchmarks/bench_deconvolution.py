@@ -168,7 +168,9 @@ def main() -> None:
                 tr = deconvolve_units_transcripts(out)
                 rt, rmset = score(tr, truth, label_map)
                 results[(case, name + " [transcript shares]")] = (rt, rmset)
-                extra = f"   (as transcript shares: r={rt:.3f} RMSE={rmset:.4f}; {info['parameters'].get('sigma', '')})"
+                prm = info["parameters"]
+                extra = (f"   (as transcript shares: r={rt:.3f} RMSE={rmset:.4f}; sigma {prm['sigma']}, "
+                         f"{prm['n_tables_computed']} likelihood tables computed, {prm['sigma_rounds']} sigma rounds)")
             print(f"{case:4s} {name:48s} {r:6.3f} {rmse:7.4f} {wall:8.1f}{extra}", flush=True)
         cfg["label_map"] = label_map
     base = "nnls (BASELINE: mean profiles, scipy nnls)"

@@ -27,6 +27,7 @@ from spatial_assets.deconvolution.spots import (
     SPOT_KINDS,
     SpotSampleError,
     as_spot_sample,
+    grid_graph,
     grid_neighbors,
     is_spot_sample,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "check_proportions",
     "deconvolution_plots",
     "deconvolve",
+    "grid_graph",
     "grid_neighbors",
     "is_spot_sample",
     "mean_proportions",

@@ -68,9 +68,12 @@ def transcripts_to_cells(W: np.ndarray, cell_size: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ NNLS
 
 
-def run_nnls(Y: sp.csr_matrix, ref: DeconvolutionReference, **_: Any) -> MethodResult:
+def run_nnls(Y: sp.csr_matrix, ref: DeconvolutionReference, *, params: Mapping[str, Any] | None = None, **_: Any) -> MethodResult:
     """Per-class mean counts (K × G) as the design, ``scipy.optimize.nnls`` per spot, rows → 1."""
     from scipy.optimize import nnls
+
+    if params:
+        raise DeconvolutionInputError(f"nnls takes no method parameters, got {sorted(params)}")
 
     S = ref.mean_profiles()  # (K, G)
     A = np.ascontiguousarray(S.T)
@@ -181,6 +184,9 @@ def shrunk_dispersion(m: np.ndarray, mode: str = "eb") -> tuple[np.ndarray, floa
     return np.maximum(0.0, phi0 + weight * (phi_hat - phi0)), phi0
 
 
+PLATFORM_NB_PARAMS = ("platform_effects", "per_gene_dispersion", "variance", "n_iter", "tol", "dispersion_spots", "block_size")
+
+
 def run_platform_nb(
     Y: sp.csr_matrix,
     ref: DeconvolutionReference,
@@ -208,6 +214,9 @@ def run_platform_nb(
     All measured in docs/deconvolution.md.
     """
     p = dict(params or {})
+    unknown = sorted(set(p) - set(PLATFORM_NB_PARAMS))
+    if unknown:
+        raise DeconvolutionInputError(f"platform_nb: unknown method parameter(s) {unknown}; it takes {list(PLATFORM_NB_PARAMS)}")
     n_iter = int(p.get("n_iter", 300))
     tol = float(p.get("tol", 1e-4))
     block = int(p.get("block_size", 10_000))
@@ -288,7 +297,13 @@ def run_flashdeconv(
     """FlashDeconv on the spots with counts; its spatial graph is its own k-NN over ``coords``."""
     from flashdeconv import FlashDeconv
 
+    import inspect
+
     kw: dict[str, Any] = {"random_state": int(seed), "verbose": False}
+    allowed = set(inspect.signature(FlashDeconv.__init__).parameters) - {"self"}
+    unknown = sorted(set(params or {}) - allowed)
+    if unknown:
+        raise DeconvolutionInputError(f"flashdeconv: unknown method parameter(s) {unknown}; FlashDeconv takes {sorted(allowed)}")
     kw.update(dict(params or {}))
     has = np.asarray(Y.sum(axis=1)).ravel() > 0
     W = np.zeros((Y.shape[0], len(ref.classes)))
@@ -451,6 +466,12 @@ def run_rctd(
     max_count = int(Y.max()) if Y.nnz else 1
     k_val = int(p.pop("K_val", min(K_VAL_MAX, max(max_count, 10))))
     cfg_kw: dict[str, Any] = dict(compile=False, device="cpu", UMI_min=umi_min, counts_MIN=1, UMI_min_sigma=sigma_min, K_val=k_val)
+    unknown = sorted(set(p) - set(rctd.RCTDConfig._fields))
+    if unknown:
+        raise DeconvolutionInputError(
+            f"rctd: unknown method parameter(s) {unknown}; RCTDConfig fields are {list(rctd.RCTDConfig._fields)} "
+            "(plus table_dir, n_threads, batch_size, sigma)"
+        )
     cfg_kw.update(p)
     config = rctd.RCTDConfig(**cfg_kw)
 

@@ -52,8 +52,9 @@ def _positive(value: float | None, what: str, source: str) -> float:
     return v
 
 
-def _array_indices(adata: AnnData, array_coords: Sequence[str], source: str) -> np.ndarray:
-    """(n, 2) int64 lattice indices from two obs columns; integer, finite, one spot per position."""
+def _array_indices(adata: AnnData, array_coords: Sequence[str], source: str, sample_key: str | None = None) -> np.ndarray:
+    """(n, 2) int64 lattice indices from two obs columns; integer, finite, one spot per position
+    (per ``sample_key`` group when given)."""
     if len(array_coords) != 2:
         raise SpotSampleError(f"{source}: array_coords must name two obs columns (row, col), got {array_coords!r}")
     missing = [c for c in array_coords if c not in adata.obs.columns]
@@ -76,12 +77,14 @@ def _array_indices(adata: AnnData, array_coords: Sequence[str], source: str) -> 
             )
         cols.append(np.round(v).astype(np.int64))
     ij = np.stack(cols, axis=1)
-    key = pd.MultiIndex.from_arrays([ij[:, 0], ij[:, 1]])
+    group = pd.factorize(adata.obs[sample_key])[0] if sample_key is not None else np.zeros(ij.shape[0], dtype=np.int64)
+    key = pd.MultiIndex.from_arrays([group, ij[:, 0], ij[:, 1]])
     if key.has_duplicates:
         dup = np.flatnonzero(key.duplicated(keep=False))[:4]
         raise SpotSampleError(
             f"{source}: {int(key.duplicated().sum())} spots share a grid position with another spot "
-            f"(e.g. {[str(adata.obs_names[d]) for d in dup]} at {[tuple(ij[d]) for d in dup]})"
+            f"(e.g. {[str(adata.obs_names[d]) for d in dup]} at {[tuple(int(x) for x in ij[d]) for d in dup]})"
+            + ("" if sample_key else "; several samples in one table need sample_key")
         )
     return ij
 
@@ -101,6 +104,7 @@ def as_spot_sample(
     spot_diameter_um: float | None = None,
     bin_size_um: float | None = None,
     array_coords: tuple[str, str] = ("array_row", "array_col"),
+    sample_key: str | None = None,
     source: str = "spots",
 ) -> AnnData:
     """A new AnnData (matrices shared, not copied) marked as a spot-level sample in ``uns['spot']``.
@@ -110,7 +114,9 @@ def as_spot_sample(
     from SpaceRanger's binned outputs). The array indices in ``obs[array_coords]`` must be integers,
     one spot per position, and for Visium follow the hexagonal numbering (row + col of one parity).
     ``obsm['spatial']`` is kept when present (SpaceRanger writes image pixels there) and otherwise
-    derived in µm from the lattice. The caller's object is not modified.
+    derived in µm from the lattice. ``sample_key``: an obs column when several samples (with
+    overlapping array indices) share the table; positions are then unique per sample and
+    :func:`grid_neighbors` never connects two samples. The caller's object is not modified.
     """
     if kind not in SPOT_KINDS:
         raise SpotSampleError(f"{source}: unknown spot kind {kind!r}; expected one of {list(SPOT_KINDS)}")
@@ -133,7 +139,9 @@ def as_spot_sample(
         size = _positive(bin_size_um, "bin_size_um", source)
         pitch, size_key = size, "bin_size_um"
         n_neighbors = 4
-    ij = _array_indices(adata, array_coords, source)
+    if sample_key is not None and sample_key not in adata.obs.columns:
+        raise SpotSampleError(f"{source}: sample_key {sample_key!r} not in obs")
+    ij = _array_indices(adata, array_coords, source, sample_key)
     if kind == VISIUM:
         parity = np.unique((ij[:, 0] + ij[:, 1]) % 2)
         if parity.size > 1:
@@ -160,6 +168,7 @@ def as_spot_sample(
         "n_neighbors": int(n_neighbors),
         "spatial_units": coord_units,
         "n_spots": int(adata.n_obs),
+        "sample_key": sample_key or "",
     }
     out.uns[SPOT_UNS] = record
     return out
@@ -178,13 +187,32 @@ def spot_record(adata: AnnData, source: str = "spots") -> dict[str, Any]:
     return dict(adata.uns[SPOT_UNS])
 
 
-def grid_neighbors(adata: AnnData, *, n_neighbors: int | None = None) -> sp.csr_matrix:
+def _lattice_edges(ij: np.ndarray, offsets: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of every pair of positions one lattice step apart (directed, both ways)."""
+    n = ij.shape[0]
+    lo = ij.min(axis=0) - 2
+    span = ij[:, 1].max() - lo[1] + 3  # > any column reached by an offset: keys never wrap to the next row
+    key = (ij[:, 0] - lo[0]) * span + (ij[:, 1] - lo[1])
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    rows, cols = [], []
+    for dr, dc in offsets:
+        target = key + dr * span + dc
+        pos = np.minimum(np.searchsorted(sorted_key, target), n - 1)
+        hit = sorted_key[pos] == target
+        rows.append(np.flatnonzero(hit))
+        cols.append(order[pos[hit]])
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def grid_neighbors(adata: AnnData, *, n_neighbors: int | None = None, sample_key: str | None = None) -> sp.csr_matrix:
     """Symmetric 0/1 adjacency (float32 CSR, n_spots × n_spots) of the spot lattice.
 
     Neighbours are exact lattice steps of the array indices, not distances: 6 on the Visium
     hexagonal grid; 4 (default) or 8 (with diagonals) on square Visium HD bins. A missing spot
-    (off tissue) simply has no edge. Same layout as squidpy's ``obsp['spatial_connectivities']``
-    for ``coord_type="grid"``.
+    (off tissue) simply has no edge. With ``sample_key`` (default: the one given to
+    :func:`as_spot_sample`) spots connect only within their own sample. Same layout as squidpy's
+    ``obsp['spatial_connectivities']`` for ``coord_type="grid"``.
     """
     rec = spot_record(adata, "adata")
     kind = rec["kind"]
@@ -198,26 +226,38 @@ def grid_neighbors(adata: AnnData, *, n_neighbors: int | None = None) -> sp.csr_
         if k not in (4, 8):
             raise SpotSampleError(f"adata: square bins have 4 or 8 neighbours, got n_neighbors={n_neighbors}")
         offsets = _SQUARE4_OFFSETS if k == 4 else _SQUARE8_OFFSETS
-    ij = _array_indices(adata, tuple(rec["array_coords"]), "adata")
-    n = ij.shape[0]
-    lo = ij.min(axis=0) - 2
-    span = ij[:, 1].max() - lo[1] + 3
-    key = (ij[:, 0] - lo[0]) * span + (ij[:, 1] - lo[1])
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
+    n = adata.n_obs
+    sample_key = sample_key or rec.get("sample_key") or None
+    if sample_key is None:
+        groups = [np.arange(n)]
+    else:
+        if sample_key not in adata.obs.columns:
+            raise SpotSampleError(f"adata: sample_key {sample_key!r} not in obs")
+        codes = pd.factorize(adata.obs[sample_key])[0]
+        groups = [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]
     rows, cols = [], []
-    for dr, dc in offsets:
-        target = key + dr * span + dc
-        pos = np.searchsorted(sorted_key, target)
-        pos = np.minimum(pos, n - 1)
-        hit = sorted_key[pos] == target
-        rows.append(np.flatnonzero(hit))
-        cols.append(order[pos[hit]])
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
+    for g in groups:
+        sub = adata[g] if g.size != n else adata
+        ij = _array_indices(sub, tuple(rec["array_coords"]), "adata")
+        r, c = _lattice_edges(ij, offsets)
+        rows.append(g[r])
+        cols.append(g[c])
+    r, c = np.concatenate(rows), np.concatenate(cols)
     conn = sp.csr_matrix((np.ones(r.size, np.float32), (r, c)), shape=(n, n))
-    conn = ((conn + conn.T) > 0).astype(np.float32)
-    return sp.csr_matrix(conn)
+    return sp.csr_matrix(((conn + conn.T) > 0).astype(np.float32))
+
+
+def grid_graph(
+    adata: AnnData, *, n_neighbors: int | None = None, sample_key: str | None = None
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(connectivities, distances) of the lattice, squidpy's ``obsp`` pair: distances are between
+    the ``obsm['spatial']`` positions of the connected spots."""
+    conn = grid_neighbors(adata, n_neighbors=n_neighbors, sample_key=sample_key).tocoo()
+    xy = np.asarray(adata.obsm[SPATIAL_OBSM], dtype=np.float64)[:, :2]
+    d = np.linalg.norm(xy[conn.row] - xy[conn.col], axis=1)
+    d = np.where(d > 0, d, np.finfo(np.float64).tiny)
+    dist = sp.csr_matrix((d, (conn.row, conn.col)), shape=conn.shape)
+    return sp.csr_matrix(conn), dist
 
 
 __all__ = [
@@ -227,6 +267,7 @@ __all__ = [
     "VISIUM",
     "VISIUM_HD_BIN",
     "as_spot_sample",
+    "grid_graph",
     "grid_neighbors",
     "is_spot_sample",
     "lattice_coordinates_um",

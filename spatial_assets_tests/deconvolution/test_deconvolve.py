@@ -208,3 +208,5 @@ def test_platform_nb_variants_and_their_record(small_case) -> None:
     assert params["variance"] == "reference" and params["n_genes_used"] == spots.n_vars
     with pytest.raises(DeconvolutionInputError, match="variance must be"):
         deconvolve(spots, ref, label_column="cell_type", method_params={"variance": "gamma"})
+    with pytest.raises(DeconvolutionInputError, match=r"unknown method parameter\(s\) \['sketch'\]"):
+        deconvolve(spots, ref, label_column="cell_type", method="flashdeconv", method_params={"sketch": 3})

@@ -106,3 +106,33 @@ def test_bad_spot_tables_are_refused(mutate, kwargs, message) -> None:
 def test_grid_neighbors_needs_a_spot_sample() -> None:
     with pytest.raises(SpotSampleError, match="as_spot_sample"):
         grid_neighbors(_square(2))
+
+
+def test_samples_sharing_array_indices_do_not_connect_and_distances_are_physical() -> None:
+    a, b = _square(3), _square(3)
+    b.obs_names = [f"t{i}" for i in range(b.n_obs)]
+    both = ad.concat([a, b])
+    both.obs["sample_id"] = ["A"] * 9 + ["B"] * 9
+    with pytest.raises(SpotSampleError, match="share a grid position.*need sample_key"):
+        as_spot_sample(both, kind="visium_hd_bin", bin_size_um=8)
+    two = as_spot_sample(both, kind="visium_hd_bin", bin_size_um=8, sample_key="sample_id")
+    A = grid_neighbors(two)  # the recorded sample_key is used
+    assert A.nnz == 2 * grid_neighbors(as_spot_sample(a, kind="visium_hd_bin", bin_size_um=8)).nnz
+    assert A[:9, 9:].nnz == 0
+    from spatial_assets.deconvolution.spots import grid_graph
+
+    s = as_spot_sample(a, kind="visium_hd_bin", bin_size_um=8)
+    conn, dist = grid_graph(s)
+    np.testing.assert_allclose(dist.data, 8.0)
+    assert (conn != (dist > 0)).nnz == 0
+
+
+def test_sample_key_keeps_samples_apart() -> None:
+    a = _square(3)
+    a.obs["sample_id"] = "A"
+    s = as_spot_sample(a, kind="visium_hd_bin", bin_size_um=8)
+    s.obs["sample_id"] = ["A"] * 5 + ["B"] * 4  # rows 0-1 and part of row 1 vs the rest
+    A = grid_neighbors(s, sample_key="sample_id")
+    codes = s.obs["sample_id"].to_numpy()
+    r, c = A.nonzero()
+    assert (codes[r] == codes[c]).all() and A.nnz < grid_neighbors(s).nnz
