@@ -171,6 +171,10 @@ def main() -> None:
                 prm = info["parameters"]
                 extra = (f"   (as transcript shares: r={rt:.3f} RMSE={rmset:.4f}; sigma {prm['sigma']}, "
                          f"{prm['n_tables_computed']} likelihood tables computed, {prm['sigma_rounds']} sigma rounds)")
+            if method == "platform_nb" and not params:
+                prm = out.uns["deconvolution"]["parameters"]
+                q = np.round(prm["platform_factor_quantiles"], 2)
+                extra = f"   (platform factors 5/50/95 %: {q[0]}/{q[1]}/{q[2]}; pooled dispersion {prm['dispersion_all_genes']:.3f})"
             print(f"{case:4s} {name:48s} {r:6.3f} {rmse:7.4f} {wall:8.1f}{extra}", flush=True)
         cfg["label_map"] = label_map
     base = "nnls (BASELINE: mean profiles, scipy nnls)"

@@ -6,7 +6,8 @@ this project may download data at run time, and the compute nodes have no networ
 deterministic numerical integral (spacexr ``get_Q``, ported by rctd-py as ``_get_q_single``), so they
 are computed on demand for the σ values a run actually visits and cached on disk.
 
-rctd-py's own integral sums 10,001 grid points for every (k, λ): 0.34 s per count row, 6 min per σ.
+rctd-py's own integral sums 10,001 grid points for every (k, λ): 0.34 s per count row, ~6 min per σ
+(timed here once).
 The integrand is exp(k·log λ − λe^y + log p(y)) over the latent log-scale y; its Poisson part is
 concave in y with its maximum at y* = log(k/λ), so the sum here starts at y* and stops on each side
 once the Poisson part has fallen ``_TAIL`` nats below its maximum (log p(y) spans far less than that
