@@ -82,6 +82,6 @@ def spot_counts(adata: AnnData, genes: Sequence[str] | None = None, *, name: str
             missing = [g for g, i in zip(genes, idx) if i < 0][:10]
             raise DeconvolutionInputError(f"spot table {name}: genes not in var_names: {missing}")
         M = M[:, idx]
-    M = sp.csr_matrix(M, dtype=np.float32)
+    M = sp.csr_matrix(M, dtype=np.float32, copy=True)  # never the caller's arrays
     M.sum_duplicates()
     return M, where
