@@ -21,10 +21,13 @@ setup: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
+# demo and ui start the bundled S3 (deployment local_s3) themselves and stop it on exit if they started
+# it (Ctrl-C included); no Dagster resource ever starts a server. By hand: python -m spatial_assets.storage.local_s3 start|stop|status
 demo: setup
 	$(PY) -m spatial_assets.defs.demo
 
 test: setup
+	bash deploy/ensure_postgres.sh
 	SPATIAL_ASSETS_DEPLOYMENT=local $(VENV)/bin/dagster definitions validate -w workspace.yaml
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=900
 
@@ -38,5 +41,5 @@ bench: setup
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	-$(PY) -c "from pathlib import Path; from spatial_assets.storage.seaweed import stop_running; stop_running(Path('.local/s3'))"
+	-$(PY) -m spatial_assets.storage.local_s3 stop
 	rm -rf .local

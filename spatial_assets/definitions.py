@@ -1,4 +1,4 @@
-"""The Dagster code location: assets, checks, sensors, schedules and resources of spatial_assets."""
+"""The Dagster code location: assets, checks, jobs, sensors, schedules and resources of spatial_assets."""
 
 import warnings
 
@@ -6,14 +6,19 @@ import dagster as dg
 
 # Partitioned asset checks are "preview" in Dagster 1.13; they are what the per-sample checks need.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning, message=".*partitions_def on an AssetCheckSpec.*")
+# The automation sensor runs in the user code server (for the per-panel condition), a beta parameter.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*use_user_code_server.*")
 
+from spatial_assets.defs.automation import automation_sensor
 from spatial_assets.defs.celltyping import assets as celltyping_assets
 from spatial_assets.defs.celltyping import checks as celltyping_checks
+from spatial_assets.defs.deployment import build_resources
 from spatial_assets.defs.domains import assets as domain_assets
 from spatial_assets.defs.domains import checks as domain_checks
+from spatial_assets.defs.execution import executor_from_env
+from spatial_assets.defs.jobs import ALL_JOBS
 from spatial_assets.defs.references import assets as reference_assets
 from spatial_assets.defs.references import sensors as reference_sensors
-from spatial_assets.defs.deployment import build_resources
 from spatial_assets.defs.samples import assets as sample_assets
 from spatial_assets.defs.samples import checks as sample_checks
 from spatial_assets.defs.samples import sensors as sample_sensors
@@ -30,9 +35,11 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules(_asset_modules),
         asset_checks=dg.load_asset_checks_from_modules(_check_modules),
-        sensors=[reference_sensors.reference_manifest_sensor, sample_sensors.sample_landing_sensor],
+        jobs=ALL_JOBS,
+        sensors=[reference_sensors.reference_manifest_sensor, sample_sensors.sample_landing_sensor, automation_sensor],
         schedules=[reference_sensors.nightly_reference_reobservation],
         resources=resources,
+        executor=executor_from_env(),
     )
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spatial_assets.storage.stores import asset_key
+from spatial_assets.cli.common import Progress
 
-MODEL_CARD_KEY = asset_key("celltype_model", None, ".pkl.card.json")
-REFERENCE_RECORD_KEY = asset_key("reference_atlas", "{id}", ".json")
+EXIT_STALE = 3
 
 
 def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, check_files: bool = True) -> int:
@@ -16,6 +15,7 @@ def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, che
     from spatial_assets.core.ids import validate_id
     from spatial_assets.platform.audit import audit_sample
     from spatial_assets.storage.objectstore import fetch_to_cache, sha256_file
+    from spatial_assets.storage.stores import asset_key
 
     validate_id(sample_id, "sample id")
     if store is None:
@@ -30,16 +30,31 @@ def run_audit(sample_id: str, *, store: Any = None, s3_settings: Any = None, che
         store,
         sample_id,
         annotations_key=asset_key("cell_type_annotations", sample_id, ".h5ad"),
-        model_card_key=MODEL_CARD_KEY,
-        reference_record_key=REFERENCE_RECORD_KEY,
+        model_card_key=asset_key("celltype_model", "{panel}", ".pkl.card.json"),  # one model per gene panel
+        reference_record_key=asset_key("reference_atlas", "{id}", ".json"),
         fingerprint=fingerprint if check_files else None,
     )
     print(report.format())
-    return 3 if report.stale else 0
+    return EXIT_STALE if report.stale else 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("audit", help="print a sample's lineage: references → training set → model → annotations")
-    p.add_argument("--sample", required=True, help="sample id (partition key)")
+def _cmd_audit(args: argparse.Namespace) -> int:
+    progress = Progress()
+    progress(f"auditing sample {args.sample}" + ("" if args.no_file_check else " (re-hashing reference files)"))
+    code = run_audit(args.sample, check_files=not args.no_file_check)
+    progress("done: " + ("stale" if code == EXIT_STALE else "up to date") + "; files written: none")
+    return code
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    summary = "print a sample's lineage (references → training set → model → annotations) and whether it is stale"
+    p = subparsers.add_parser(
+        "audit",
+        help=summary,
+        description=f"{summary}. Exit code 0: up to date, {EXIT_STALE}: something upstream changed. "
+        "Storage from the environment (SPATIAL_ASSETS_DEPLOYMENT, SPATIAL_ASSETS_BUCKET, AWS_*).",
+    )
+    p.add_argument("--sample", required=True, metavar="ID", help="sample id (the samples partition key)")
     p.add_argument("--no-file-check", action="store_true", help="do not re-hash the reference files at their URIs")
-    p.set_defaults(func=lambda args: run_audit(args.sample, check_files=not args.no_file_check))
+    p.set_defaults(func=_cmd_audit)
+    return p

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 
+from spatial_assets.cli.common import InputError, Outputs, Progress, fetch_h5ad, read_h5ad
 
-def _progress(msg: str, t0: float) -> None:
-    print(f"[deconvolve {time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+#: ``spatial_assets.deconvolution`` METHODS / DEFAULT_METHOD / UNITS / SPOT_KINDS, listed here so that
+#: building the parser imports no science (a test keeps them equal)
+METHODS: tuple[str, ...] = ("platform_nb", "rctd", "flashdeconv", "nnls")
+DEFAULT_METHOD = "platform_nb"
+UNITS: tuple[str, ...] = ("cells", "transcripts")
+SPOT_KINDS: tuple[str, ...] = ("visium", "visium_hd_bin")
 
 
 def _method_params(text: str | None) -> dict:
@@ -24,29 +27,29 @@ def _method_params(text: str | None) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--method-params must be a JSON object, got {text!r} ({exc})") from exc
+        raise InputError(f"--method-params must be a JSON object, got {text!r} ({exc})") from exc
     if not isinstance(value, dict):
-        raise ValueError(f"--method-params must be a JSON object, got {text!r}")
+        raise InputError(f"--method-params must be a JSON object, got {text!r}")
     return value
 
 
 def cmd_deconvolve(args: argparse.Namespace) -> int:
-    import anndata as ad
+    progress = Progress()
+    outputs = Outputs(progress)
+    params = _method_params(args.method_params)
 
     from spatial_assets.deconvolution import check_proportions, deconvolve, mean_proportions
     from spatial_assets.deconvolution.spots import as_spot_sample, is_spot_sample
-    from spatial_assets.storage.objectstore import fetch_to_cache, write_atomic
 
-    t0 = time.perf_counter()
-    params = _method_params(args.method_params)
-    _progress(f"reading spots {args.spatial}", t0)
-    spots = ad.read_h5ad(fetch_to_cache(args.spatial))
+    progress(f"reading spots {args.spatial}")
+    spots = read_h5ad(args.spatial, "spot table")
+    reference = fetch_h5ad(args.reference, "reference")
     if args.kind and not is_spot_sample(spots):
         spots = as_spot_sample(spots, kind=args.kind, bin_size_um=args.bin_size_um, source=str(args.spatial))
-    _progress(f"{spots.n_obs} spots x {spots.n_vars} genes; deconvolving with {args.method} (reference {args.reference})", t0)
+    progress(f"{spots.n_obs:,} spots × {spots.n_vars:,} genes; deconvolving with {args.method} (reference {args.reference})")
     out = deconvolve(
         spots,
-        args.reference,
+        str(reference),
         label_column=args.label_column,
         method=args.method,
         seed=args.seed,
@@ -57,39 +60,37 @@ def cmd_deconvolve(args: argparse.Namespace) -> int:
     report = check_proportions(out)
     if not report.passed:  # a bug, not bad input: never write a table that fails the asset check
         raise RuntimeError(f"proportions failed their check: {report.problems}")
-    _progress(f"writing {args.out}", t0)
-    write_atomic(args.out, out.write_h5ad)
+    outputs.write("deconvolved spots", args.out, out.write_h5ad)
     if args.plots:
         from spatial_assets.deconvolution.plots import deconvolution_plots
 
         try:
             paths = deconvolution_plots(out, args.plots, seed=args.seed)
-            _progress(f"plots: {', '.join(str(p) for p in paths.values())}", t0)
+            for name, path in paths.items():
+                outputs.add(f"plot {name}", str(path))
         except Exception as exc:  # plots are evidence, not the result
-            _progress(f"plots skipped: {type(exc).__name__}: {exc}", t0)
+            progress(f"plots skipped: {type(exc).__name__}: {exc}")
     info = out.uns["deconvolution"]
     print(f"{out.n_obs} spots deconvolved with {info['method']} ({info['n_spots_fitted']} fitted, units: {info['units']})")
     print("mean proportions:")
     for label, value in mean_proportions(out).items():
         print(f"  {label}: {value:.4f}")
-    print(f"mean residual: {float(out.obs['deconvolution_residual'].mean()):.4f}; written: {args.out}")
-    _progress("done", t0)
+    print(f"mean residual: {float(out.obs['deconvolution_residual'].mean()):.4f}")
+    print(outputs.summary())
+    progress("done")
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from spatial_assets.deconvolution.deconvolve import DEFAULT_METHOD
-    from spatial_assets.deconvolution.methods import METHODS, UNITS
-    from spatial_assets.deconvolution.spots import SPOT_KINDS
-
-    p = subparsers.add_parser("deconvolve", help="cell-type proportions of every spot / bin from a scRNA-seq reference")
+    summary = "cell-type proportions of every spot / bin from a scRNA-seq reference"
+    p = subparsers.add_parser("deconvolve", help=summary, description=summary + ". " + __doc__.split("\n\n", 1)[1].replace("\n", " "))
     p.add_argument("--reference", required=True, help="reference h5ad with raw counts (path or s3://)")
     p.add_argument("--label-column", required=True, help="obs column of the reference holding the cell-type labels")
     p.add_argument("--spatial", required=True, help="spot table h5ad with raw counts (path or s3://)")
     p.add_argument("--out", required=True, help="h5ad to write (path or s3://)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--units", default="cells", choices=list(UNITS), help="fractions of cells (default) or of transcripts")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help="deconvolution method")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random step")
+    p.add_argument("--units", default="cells", choices=list(UNITS), help="fractions of cells or of transcripts")
     p.add_argument("--kind", default=None, choices=list(SPOT_KINDS), help="mark the input as this spot kind (array_row/array_col in obs)")
     p.add_argument("--bin-size-um", type=float, default=None, help="bin size for --kind visium_hd_bin")
     p.add_argument("--method-params", default=None, help="JSON object passed to the method (RCTDConfig fields / FlashDeconv arguments)")

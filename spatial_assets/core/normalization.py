@@ -6,6 +6,11 @@ in ``layers`` or ``.raw``, log1p of counts-per-10k, log1p CPM, z-scores, and lin
 (MERFISH). So the state is measured from the data, never trusted from metadata, and anything that
 cannot be turned into log1p-10k faithfully is refused with a message that says what was seen.
 
+This is the one place the scale is detected and log1p-10k applied: cell typing uses
+:func:`ensure_normalized` / :func:`plan_normalization`; the domain engines, domain annotation, the Novae
+engine and the plots use :func:`log_normalized` / :func:`log_normalized_columns` (same detection, the
+matrix only). Nobody else re-implements an "already logged?" test.
+
 Detection only ever reads a random subset of rows, in bounded blocks, so it is cheap on large and
 on backed (h5py / anndata sparse dataset) matrices and never densifies the whole matrix.
 """
@@ -430,14 +435,30 @@ def _refusal(status: NormalizationStatus, where: str) -> str:
     return f"{status.describe()} and no raw counts were found in {', '.join(RAW_CANDIDATES)}{where}: {hint}"
 
 
-def _choose_method(status: NormalizationStatus, target_sum: float, unsafe_force: bool, where: str) -> str:
-    """How to reach log1p-``target_sum`` from what detection saw; refuses (or warns when forced)."""
+#: expm1(X) rows whose within-row ratios are integers this often are per-cell scaled counts
+SCALED_COUNTS_MIN_STRUCTURE = 0.9
+
+
+def _choose_method(
+    status: NormalizationStatus, target_sum: float, unsafe_force: bool, where: str, rescale_scaled_log: bool = False
+) -> str:
+    """How to reach log1p-``target_sum`` from what detection saw; refuses (or warns when forced).
+
+    ``rescale_scaled_log``: log1p of *any* per-cell scale is rescaled (exact) when expm1(X) has the
+    integer-ratio structure of scaled counts, instead of being refused.
+    """
     if status.raw_source is not None:
         return "from_raw_counts"
     if status.x_state == "log1p_10k":
         return "as_is" if target_sum == 1e4 else "rescaled_log1p"
     if status.x_state == "linear":
         return "from_linear"
+    if (
+        rescale_scaled_log
+        and status.x_state in ("log1p_cpm", "log1p_other")
+        and (status.log_count_structure or 0.0) >= SCALED_COUNTS_MIN_STRUCTURE
+    ):
+        return "rescaled_log1p"
     if not unsafe_force:
         raise NormalizationError(_refusal(status, where))
     method = "forced_rescaled_log1p" if status.x_state in ("log1p_cpm", "log1p_other") else "forced_as_is"
@@ -593,6 +614,13 @@ class NormalizationPlan:
         owned = not (sp.issparse(self.matrix) and np.may_share_memory(block.data, self.matrix.data))
         return sp.csr_matrix(_normalize_matrix(block, self.method, self.target_sum, inplace=owned))
 
+    def normalized(self) -> np.ndarray | sp.csr_matrix:
+        """All rows over the planned genes, as new float32 memory (dense input stays dense)."""
+        matrix = _as_matrix(self.matrix)
+        if self.cols is not None:
+            matrix = matrix[:, self.cols]
+        return _normalize_matrix(matrix, self.method, self.target_sum)
+
     def record(self) -> dict[str, Any]:
         """The ``uns['normalization']`` record :func:`ensure_normalized` would write."""
         return {
@@ -614,6 +642,7 @@ def plan_normalization(
     unsafe_force: bool = False,
     seed: int = 0,
     n_sample: int = 10_000,
+    rescale_scaled_log: bool = False,
 ) -> NormalizationPlan:
     """Detect the scale of ``adata`` restricted to ``genes`` and return how to normalise its rows.
 
@@ -648,7 +677,7 @@ def plan_normalization(
         X = sp.csr_matrix(X)  # row blocks of CSC/COO are not cheap
     status = _detect(((n, _view(m, c)) for n, m, c in candidates), _view(X, cols), n_sample=n_sample, seed=seed)
     where = f" (file {adata.filename})" if adata.isbacked else ""
-    method = _choose_method(status, target_sum, unsafe_force, where)
+    method = _choose_method(status, target_sum, unsafe_force, where, rescale_scaled_log)
     if status.raw_source in (None, "X"):
         matrix, mcols = X, cols
     else:
@@ -656,3 +685,135 @@ def plan_normalization(
         if sp.issparse(matrix) and matrix.format != "csr":
             matrix = sp.csr_matrix(matrix)
     return NormalizationPlan(status=status, method=method, target_sum=float(target_sum), matrix=matrix, cols=mcols)
+
+
+# --------------------------------------------------------------------------------------------
+# one entry point for every consumer that needs log expression (plots, domains, annotation, Novae)
+
+
+def log_normalized(
+    adata: AnnData,
+    genes: Sequence[str] | None = None,
+    *,
+    target_sum: float = 1e4,
+    unsafe_force: bool = False,
+    seed: int = 0,
+    n_sample: int = 10_000,
+    rescale_scaled_log: bool = False,
+) -> tuple[np.ndarray | sp.csr_matrix, dict[str, Any]]:
+    """(log1p(counts per ``target_sum``) as a new float32 matrix, the ``uns['normalization']`` record).
+
+    The matrix only, without building a new AnnData: what the domain engines, domain annotation,
+    the Novae engine and the plots need. Detection, preferences (raw counts in layers / ``.raw`` / X,
+    then log1p-10k X, then linear X) and refusals are those of :func:`ensure_normalized`; ``genes``
+    restricts (and orders) the output *and* the library size to those genes, as in
+    :func:`plan_normalization`. Sparse input stays sparse, dense stays dense. ``rescale_scaled_log``:
+    see :func:`library_scale` (log1p of per-cell scaled counts at any scale is rescaled exactly).
+    """
+    plan = plan_normalization(
+        adata,
+        genes,
+        target_sum=target_sum,
+        unsafe_force=unsafe_force,
+        seed=seed,
+        n_sample=n_sample,
+        rescale_scaled_log=rescale_scaled_log,
+    )
+    return plan.normalized(), plan.record()
+
+
+def log_normalized_columns(
+    adata: AnnData,
+    columns: Sequence[int] | np.ndarray,
+    *,
+    target_sum: float = 1e4,
+    unsafe_force: bool = False,
+    seed: int = 0,
+    block_rows: int = 20_000,
+) -> np.ndarray:
+    """Dense float64 (n_obs, len(columns)) log1p-``target_sum`` of a few genes, library over all genes.
+
+    For figures of a handful of genes on a large object: rows are normalised block by block, so the
+    normalised matrix never exists in full and only the requested columns are densified.
+    """
+    plan = plan_normalization(adata, target_sum=target_sum, unsafe_force=unsafe_force, seed=seed)
+    idx = np.asarray(columns, dtype=np.int64)
+    out = np.empty((plan.n_obs, idx.size), dtype=np.float64)
+    for start in range(0, plan.n_obs, block_rows):
+        stop = min(start + block_rows, plan.n_obs)
+        out[start:stop] = plan.rows(start, stop)[:, idx].toarray()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the dataset's own scale
+
+
+@dataclass
+class LibraryScale:
+    """Library sizes of a dataset in molecule units where they can be known, and how they were found.
+
+    ``source``: ``"raw_counts"`` (row sums of the raw counts); ``"recovered_counts"`` (X holds per-cell
+    scaled counts, linear or log1p, e.g. spot data shipped library-size normalised: the smallest non-zero
+    value of a row is one molecule, so ``row sum / row minimum`` is its library); ``"row_sums"`` (no
+    count structure: the linear row sums, the data's own units).
+    """
+
+    sizes: np.ndarray
+    source: str
+    x_state: str
+
+    @property
+    def median(self) -> float:
+        """Median over non-empty rows (1.0 for an empty object): the dataset's own target sum."""
+        pos = self.sizes[self.sizes > 0]
+        return float(np.median(pos)) if pos.size else 1.0
+
+    def record(self) -> dict[str, Any]:
+        q = np.quantile(self.sizes[self.sizes > 0], [0.05, 0.5, 0.95]) if (self.sizes > 0).any() else [0.0] * 3
+        return {"source": self.source, "x_state": self.x_state, "q05": float(q[0]), "median": float(q[1]), "q95": float(q[2])}
+
+
+def _row_min_positive(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+        data = np.where(X.data > 0, X.data, np.inf)
+        out = np.full(X.shape[0], np.inf)
+        lengths = np.diff(X.indptr)
+        nonempty = lengths > 0
+        if nonempty.any():
+            out[nonempty] = np.minimum.reduceat(data, X.indptr[:-1][nonempty])
+        return out
+    return np.where(X > 0, X, np.inf).min(axis=1)
+
+
+def library_scale(adata: AnnData, *, seed: int = 0, n_sample: int = 10_000) -> LibraryScale:
+    """Per-cell library sizes on the data's own scale (see :class:`LibraryScale`), from one detection.
+
+    Why: normalising every dataset to 10,000 counts distorts low-count panels (a library of 200 turns one
+    molecule into log1p(50)) and re-scales data that was already normalised; the domain engines normalise
+    to the median of these sizes instead, so one molecule keeps the weight it has in the data.
+    """
+    plan = plan_normalization(adata, target_sum=1e4, seed=seed, n_sample=n_sample, rescale_scaled_log=True)
+    status = plan.status
+    matrix = _as_matrix(plan.matrix)
+    if plan.cols is not None:
+        matrix = matrix[:, plan.cols]
+    if status.raw_source is not None:
+        sums = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
+        return LibraryScale(sums, "raw_counts", status.x_state)
+    logged = plan.method in ("as_is", "rescaled_log1p", "forced_rescaled_log1p")
+    if sp.issparse(matrix):
+        lin = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
+        if logged:
+            np.expm1(lin.data, out=lin.data)
+    else:
+        lin = np.asarray(matrix, dtype=np.float64)
+        lin = np.expm1(lin) if logged else lin
+    sums = np.asarray(lin.sum(axis=1), dtype=np.float64).ravel()
+    structure = status.log_count_structure if logged else status.linear_count_structure
+    if structure is not None and structure >= SCALED_COUNTS_MIN_STRUCTURE:
+        unit = _row_min_positive(lin)
+        sizes = np.where(np.isfinite(unit) & (unit > 0), sums / np.where(np.isfinite(unit), unit, 1.0), 0.0)
+        return LibraryScale(sizes, "recovered_counts", status.x_state)
+    return LibraryScale(sums, "row_sums", status.x_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from spatial_assets.core.ids import validate_id
 from spatial_assets.core.lineage import content_hash
@@ -29,13 +30,87 @@ def panel_genes(adata: ad.AnnData) -> list[str]:
     return [g for g, b in zip(names, blank) if not b]
 
 
+def check_unique_cell_ids(adata: ad.AnnData, source: str, *, error: type[ValueError] = SpatialInputError) -> None:
+    """Refuse duplicated ``obs_names``: annotations, domains and lineage are all keyed by cell id."""
+    if adata.obs_names.is_unique:
+        return
+    names = adata.obs_names
+    dup = names[names.duplicated()].unique()
+    n_cells = int(names.isin(dup).sum())
+    shown = ", ".join(repr(str(d)) for d in dup[:5]) + (", ..." if len(dup) > 5 else "")
+    raise error(f"{source}: {len(dup):,} duplicate cell ids in obs_names ({n_cells:,} cells), e.g. {shown}")
+
+
+#: matrices checked for NaN/inf besides X: the raw-count sources normalization may read instead of X
+_COUNT_LAYERS = ("counts", "raw_counts", "raw")
+#: elements per block when scanning a dense matrix (bounds the temporary boolean array)
+_FINITE_BLOCK = 4_000_000
+
+
+def _nonfinite(X: object) -> tuple[int, int, tuple[int, int] | None]:
+    """(non-finite values, cells holding them, first (row, col)) of a dense or sparse matrix."""
+    if sp.issparse(X):
+        csr = X.tocsr() if X.format != "csr" else X
+        bad = ~np.isfinite(csr.data)
+        if not bad.any():
+            return 0, 0, None
+        rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[bad]
+        first = int(np.flatnonzero(bad)[0])
+        return int(bad.sum()), int(np.unique(rows).size), (int(rows[0]), int(csr.indices[first]))
+    n_rows = int(X.shape[0])  # type: ignore[attr-defined]
+    step = max(1, _FINITE_BLOCK // max(int(X.shape[1]), 1))  # type: ignore[attr-defined]
+    total = cells = 0
+    first = None
+    for start in range(0, n_rows, step):
+        block = np.asarray(X[start : start + step])  # type: ignore[index]
+        if not np.issubdtype(block.dtype, np.floating):
+            continue  # integer matrices cannot hold NaN/inf
+        bad = ~np.isfinite(block)
+        if bad.any():
+            total += int(bad.sum())
+            cells += int(bad.any(axis=1).sum())
+            if first is None:
+                r, c = np.argwhere(bad)[0]
+                first = (start + int(r), int(c))
+    return total, cells, first
+
+
+def check_finite_expression(adata: ad.AnnData, source: str, *, error: type[ValueError] = SpatialInputError) -> None:
+    """Refuse NaN/inf in X (and in the count layers normalization may use instead of X).
+
+    Why refuse rather than ignore: a non-finite value propagates through normalization (its whole
+    row becomes NaN) and into the per-gene query statistics the alignment uses, so it moves the calls
+    of other cells too (issue 7: one ``inf`` changed 563 of 1,500 calls, silently). Counts the
+    values and names the first.
+    """
+    matrices: list[tuple[str, object]] = [("X", adata.X)]
+    matrices += [(f"layers['{k}']", adata.layers[k]) for k in _COUNT_LAYERS if k in adata.layers]
+    if adata.raw is not None:
+        matrices.append(("raw.X", adata.raw.X))
+    for where, X in matrices:
+        if X is None:
+            continue
+        n_bad, n_cells, first = _nonfinite(X)
+        if n_bad:
+            r, c = first  # type: ignore[misc]
+            genes = adata.raw.var_names if where == "raw.X" else adata.var_names
+            raise error(
+                f"{source}: {where} has {n_bad:,} non-finite values (NaN or infinite) in {n_cells:,} cells "
+                f"(first: cell {str(adata.obs_names[r])!r}, gene {str(genes[c])!r}); fix or drop them first"
+            )
+
+
 def validate_spatial(adata: ad.AnnData, name: str) -> np.ndarray:
-    """Refuse empty samples, duplicate cell ids and bad coordinates; return the (n, 2) coordinates."""
+    """Refuse empty samples, duplicate cell ids, NaN/inf expression and bad coordinates; return the (n, 2) coordinates.
+
+    The one validation of a spatial sample: the platform (:func:`prepare_spatial_cells`, the
+    ``spatial_cells`` asset) and the ``celltype`` command (through ``run_celltyping``) both call it,
+    so both refuse the same inputs with the same message.
+    """
     if adata.n_obs == 0:
         raise SpatialInputError(f"{name}: spatial sample has no cells")
-    if not adata.obs_names.is_unique:
-        dup = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
-        raise SpatialInputError(f"{name}: duplicate cell ids in obs_names, e.g. {dup}")
+    check_unique_cell_ids(adata, name)
+    check_finite_expression(adata, name)
     return spatial_coordinates(adata, name)
 
 

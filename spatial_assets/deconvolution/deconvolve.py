@@ -104,7 +104,7 @@ def deconvolve(
     non-integer value is an error naming the spot and gene); coordinates in ``obsm['spatial']`` for
     FlashDeconv. ``reference``: a reference file (path / ``s3://``) or an AnnData with raw counts
     (a cell-typing training set works: its counts are in ``layers['counts']``) and labels in
-    ``obs[label_column]``. ``method``: ``"rctd"`` (default), ``"flashdeconv"`` or ``"nnls"``;
+    ``obs[label_column]``. ``method``: ``"platform_nb"`` (default), ``"rctd"``, ``"flashdeconv"`` or ``"nnls"``;
     ``method_params`` are passed to the method (RCTD: ``RCTDConfig`` fields; FlashDeconv: its
     constructor arguments). ``units="cells"`` gives fractions of cells, ``"transcripts"`` fractions
     of the spot's transcripts. Every random step is seeded by ``seed``.

@@ -1,10 +1,12 @@
 """``make demo``: the whole platform on bundled real data, against a real local S3.
 
-1. starts the local SeaweedFS S3 (credentials generated on first start, anonymous refused),
+1. starts the local SeaweedFS S3 (credentials generated on first start, anonymous refused) unless
+   it is already running — and stops it again at the end if it started it,
 2. uploads the POA scRNA-seq reference and writes the references manifest,
 3. lands the two POA MERFISH slices (Moffitt 2018, Bregma 0.21 / 0.26) as two samples,
-4. registers the partitions with the same sensors the daemon runs, materializes every asset and
-   check into the persistent Dagster instance ($DAGSTER_HOME),
+4. registers the partitions with the same sensors the daemon runs, then launches the named jobs
+   (references_job, samples_job, panel_models_job per gene panel, celltyping_job, domain_model_job,
+   domains_job) into the persistent Dagster instance ($DAGSTER_HOME),
 5. prints per-sample summaries, accuracy against the authors' cell classes, domain counts,
    the audit chain, and how to open the UI (``make ui``).
 """
@@ -12,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,11 +43,12 @@ def prepare_environment() -> Path:
     return home
 
 
-def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
-    """Upload the reference, write the manifest, land one h5ad per MERFISH slice."""
+def stage_demo_data(store, manifest_key: str, landing_prefix: str, s3_settings=None) -> list[str]:
+    """Upload the reference and register it, land one h5ad per MERFISH slice (as the CLI does)."""
     import anndata as ad
 
-    from spatial_assets.platform.manifest import ReferenceEntry, dump_manifest
+    from spatial_assets.platform.manifest import ReferenceEntry
+    from spatial_assets.platform.registry import land_sample, register_reference
 
     ref_key = f"raw/references/{REFERENCE_FILE}"
     store.put_file(DATA / REFERENCE_FILE, ref_key)
@@ -55,7 +60,7 @@ def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
         organism="mouse",
         placeholder_labels=["Ambiguous", "Unstable"],
     )
-    store.write_bytes(manifest_key, dump_manifest([entry]).encode())
+    register_reference(store, entry, manifest_key=manifest_key, replace=True, s3_settings=s3_settings)
     merfish = ad.read_h5ad(DATA / MERFISH_FILE)
     sample_ids = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +69,7 @@ def stage_demo_data(store, manifest_key: str, landing_prefix: str) -> list[str]:
             part = merfish[merfish.obs["Bregma"] == bregma].copy()
             path = Path(tmp) / f"{sid}.h5ad"
             part.write_h5ad(path)
-            store.put_file(path, f"{landing_prefix.rstrip('/')}/{sid}.h5ad")
+            land_sample(store, sid, str(path), landing_prefix=landing_prefix, replace=True, s3_settings=s3_settings)
             sample_ids.append(sid)
     return sample_ids
 
@@ -82,38 +87,43 @@ def register_with_sensors(defs, instance) -> None:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
 
 
-def materialize_all(defs, instance, sample_ids: list[str], reference_ids: list[str], with_domains: bool = True) -> None:
+def panels_of(instance, sample_ids: list[str]) -> dict[str, str]:
+    """sample → the panel its latest ``sample_panel`` materialization recorded."""
     import dagster as dg
 
-    assets = list(defs.assets or []) + list(defs.asset_checks or [])
-    resources = defs.resources
+    from spatial_assets.defs.history import latest_metadata_by_partition
 
-    def run(keys: list[str], partition: str | None = None) -> None:
-        label = ", ".join(keys) + (f" [{partition}]" if partition else "")
+    return latest_metadata_by_partition(instance, dg.AssetKey("sample_panel"), "panel_id", sample_ids)
+
+
+def materialize_all(defs, instance, sample_ids: list[str], reference_ids: list[str], with_domains: bool = True) -> None:
+    """Launch the named jobs in dependency order (the same runs the sensors and automation make)."""
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the full event log is in the UI
+
+    def run(job_name: str, partition: str | None = None) -> None:
+        job = defs.resolve_job_def(job_name)
         t0 = time.perf_counter()
-        result = dg.materialize(
-            assets,
-            selection=dg.AssetSelection.assets(*keys),
-            partition_key=partition,
-            instance=instance,
-            resources=resources,
-            raise_on_error=True,
-            # the full event log is in the UI; the terminal gets warnings and this script's summary
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        result = job.execute_in_process(
+            instance=instance, partition_key=partition, run_config=quiet, tags={"spatial_assets/trigger": "demo"}
         )
         failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
         note = f"  ({len(failed)} check(s) not passed: {[e.check_name for e in failed]})" if failed else ""
-        print(f"  materialized {label} in {time.perf_counter() - t0:.1f}s{note}", flush=True)
+        label = f"{job_name}[{partition}]" if partition else job_name
+        print(f"  ran {label} in {time.perf_counter() - t0:.1f}s{note}", flush=True)
 
     for rid in reference_ids:
-        run(["reference_atlas"], rid)
-    run(["training_set", "label_mapping", "celltype_model"])
+        run("references_job", rid)
     for sid in sample_ids:
-        run(["spatial_cells", "cell_type_annotations", "cell_type_summary"], sid)
+        run("samples_job", sid)
+    panels = panels_of(instance, sample_ids)
+    for pid in sorted(set(panels.values())):
+        run("panel_models_job", pid)
+    for sid in sample_ids:
+        run("celltyping_job", sid)
     if with_domains:
-        run(["domain_model"])
+        run("domain_model_job")
         for sid in sample_ids:
-            run(["spatial_domains", "domain_composition", "domain_markers"], sid)
+            run("domains_job", sid)
 
 
 def report(store, sample_ids: list[str], with_domains: bool) -> None:
@@ -148,14 +158,80 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
 
 
 def start_ui(port: int = UI_PORT) -> int:
+    """Run ``dagster dev`` until it exits; on Ctrl-C / SIGTERM shut it and everything it started down."""
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)]
     print("starting:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=REPO)
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        return proc.wait()
+    except (KeyboardInterrupt, SystemExit):
+        return 130
+    finally:
+        stop_process_tree(proc)
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGINT (``dagster dev``'s own clean shutdown), then SIGTERM/SIGKILL, for it and its descendants.
+
+    The descendants (webserver, daemon, code servers) are collected first: once ``dagster dev`` is
+    gone they are orphans that nobody else would stop.
+    """
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+@contextlib.contextmanager
+def local_s3_for_this_command():
+    """Start the deployment's bundled S3 (``local_s3``) unless it runs already; stop it on exit if we started it.
+
+    Exit includes Ctrl-C and SIGTERM (turned into SystemExit here so the clean-up runs). Other
+    deployments need no server: nothing happens.
+    """
+    from spatial_assets.storage import local_s3
+    from spatial_assets.storage.deployment import StorageSettings
+
+    settings = StorageSettings.from_env()
+    if settings.deployment != "local_s3":
+        yield None
+        return
+    started = local_s3.start(settings)
+    print(f"local S3: {started.settings.endpoint_url} ({'started' if started.started else 'already running'}; state {settings.state_dir})", flush=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield started
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if started.started:
+            local_s3.stop(settings)
+            print("local S3: stopped (it was started by this command; the data stays in the state dir)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spatial_assets.defs.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--ui-only", action="store_true", help="only start the local S3 and `dagster dev`")
+    parser.add_argument("--ui-only", action="store_true", help="only `dagster dev` (with the local S3 running; stopped on exit if started here)")
     parser.add_argument("--no-domains", action="store_true", help="skip the spatial-domain assets")
     parser.add_argument("--port", type=int, default=UI_PORT)
     args = parser.parse_args(argv)
@@ -163,26 +239,34 @@ def main(argv: list[str] | None = None) -> int:
     # signature genes missing from a 134-gene panel are expected; they are recorded in the objects
     warnings.filterwarnings("ignore", message=r".*(signature genes absent|signatures dropped).*")
 
-    import dagster as dg
-
-    from spatial_assets.definitions import build_definitions
     from spatial_assets.defs.deployment import build_resources
     from spatial_assets.defs.settings import settings_from_env
 
-    resources = {**build_resources(), "settings": settings_from_env()}
-    store = resources["storage"].get_store()  # starts the local S3 if it is not running
-    print(f"storage: {store.uri(settings_from_env().manifest_key).rsplit('/', 2)[0]}/  (deployment {os.environ.get('SPATIAL_ASSETS_DEPLOYMENT', 'local_s3')})", flush=True)
-    if args.ui_only:
-        return start_ui(args.port)
+    with local_s3_for_this_command():
+        resources = {**build_resources(), "settings": settings_from_env()}
+        store = resources["storage"].get_store()
+        print(f"storage: {store.uri(settings_from_env().manifest_key).rsplit('/', 2)[0]}/  (deployment {os.environ.get('SPATIAL_ASSETS_DEPLOYMENT', 'local_s3')})", flush=True)
+        if args.ui_only:
+            return start_ui(args.port)
+        return run_demo(resources, store, args)
+
+
+def run_demo(resources: dict, store, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from spatial_assets.definitions import build_definitions
+
     t0 = time.perf_counter()
     settings = resources["settings"]
-    sample_ids = stage_demo_data(store, settings.manifest_key, settings.landing_prefix)
+    sample_ids = stage_demo_data(store, settings.manifest_key, settings.landing_prefix, resources["storage"].s3_settings())
     print(f"staged reference {REFERENCE_ID!r} and samples {sample_ids}", flush=True)
     defs = build_definitions(resources)
     with dg.DagsterInstance.get() as instance:
         register_with_sensors(defs, instance)
         print(f"partitions: references={instance.get_dynamic_partitions('references')} samples={instance.get_dynamic_partitions('samples')}")
         materialize_all(defs, instance, sample_ids, [REFERENCE_ID], with_domains=not args.no_domains)
+        panels = panels_of(instance, sample_ids)
+        print("gene panels: " + ", ".join(f"{sid} → {pid}" for sid, pid in sorted(panels.items())))
     report(store, sample_ids, with_domains=not args.no_domains)
     print(f"\naudit of {sample_ids[0]}:")
     from spatial_assets.cli.audit import run_audit
@@ -191,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s.")
     print(f"Open the UI with `make ui`, then http://127.0.0.1:{args.port} (same instance: DAGSTER_HOME={os.environ['DAGSTER_HOME']}).")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

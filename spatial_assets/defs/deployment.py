@@ -1,63 +1,62 @@
-"""The resource set of each deployment (``SPATIAL_ASSETS_DEPLOYMENT``): storage, IO manager."""
+"""The resource set of each deployment (``SPATIAL_ASSETS_DEPLOYMENT``): s3, storage, IO manager.
 
-import os
+Resolved by :meth:`spatial_assets.storage.deployment.StorageSettings.from_env` — the same settings
+the CLI uses. Cheap and side-effect free: nothing is started or contacted here, and no secret is
+copied into config (``s3``: ``dg.EnvVar`` references, read at run time; ``local_s3``: read from the
+server's state dir when a client is made).
+"""
+
 from typing import Any, Optional
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 
-from spatial_assets.defs.io_managers import LocalObjectStoreIOManager, S3ObjectStoreIOManager
-from spatial_assets.defs.resources import StorageResource
-from spatial_assets.storage.deployment import DEFAULT_BUCKET, DEPLOYMENT_ENV, DEPLOYMENTS, StorageConfigError, spatial_assets_home
-from spatial_assets.storage.stores import ASSETS_PREFIX
+from spatial_assets.defs.io_managers import LocalAssetIOManager, S3AssetIOManager
+from spatial_assets.defs.resources import LocalS3Resource, LocalStorageResource, S3StorageResource
+from spatial_assets.storage.deployment import ASSETS_PREFIX, StorageSettings, join_prefix
+from spatial_assets.storage.objectstore import env_source
+
+# S3Resource field → S3Settings field (whose environment variables objectstore.S3_ENV lists)
+_S3_FIELDS = {
+    "endpoint_url": "endpoint_url",
+    "aws_access_key_id": "access_key_id",
+    "aws_secret_access_key": "secret_access_key",
+    "aws_session_token": "session_token",
+    "region_name": "region_name",
+}
 
 
-def _env_or_none(name: str) -> Any:
-    """A Dagster EnvVar when set (resolved at run time, hidden in the UI), else None (boto3's chain)."""
-    return dg.EnvVar(name) if os.environ.get(name) else None
+def s3_resource_from_env() -> S3Resource:
+    """An S3Resource whose set fields are ``dg.EnvVar`` references to the variables that are set."""
+    fields = {}
+    for field, setting in _S3_FIELDS.items():
+        name = env_source(setting)
+        if name:
+            fields[field] = dg.EnvVar(name)
+    return S3Resource(**fields)
 
 
 def build_resources(deployment: Optional[str] = None) -> dict[str, Any]:
-    """The resource dict for ``Definitions``: ``storage`` (StorageResource) and ``io_manager``.
-
-    Cheap: nothing is started or contacted here (``local_s3`` starts SeaweedFS on first use).
-    """
-    deployment = deployment or os.environ.get(DEPLOYMENT_ENV) or "local_s3"
-    if deployment not in DEPLOYMENTS:
-        raise StorageConfigError(f"{DEPLOYMENT_ENV}={deployment!r} is not one of {list(DEPLOYMENTS)}")
-    home = spatial_assets_home()
-    if deployment == "local":
-        root = str(home / "storage")
+    """The resource dict for ``Definitions``: ``storage`` and ``io_manager`` (+ ``s3`` for S3 kinds)."""
+    settings = StorageSettings.from_env(deployment)
+    allowed = list(settings.allowed_locations)
+    cache = str(settings.cache_dir) if settings.cache_dir else ""
+    if settings.deployment == "local":
+        root = str(settings.root)
         return {
-            "storage": StorageResource(kind="local", root=root),
-            "io_manager": LocalObjectStoreIOManager(root=root, prefix=ASSETS_PREFIX),
+            "storage": LocalStorageResource(root=root, allowed_locations=allowed),
+            "io_manager": LocalAssetIOManager(base_dir=str(settings.root / ASSETS_PREFIX)),
         }
-    if deployment == "local_s3":
-        bucket = os.environ.get("SPATIAL_ASSETS_BUCKET") or DEFAULT_BUCKET
-        prefix = os.environ.get("SPATIAL_ASSETS_PREFIX", "")
-        state = str(home / "s3")
-        storage = StorageResource(kind="local_s3", bucket=bucket, prefix=prefix, seaweed_state_dir=state)
-        io = S3ObjectStoreIOManager(
-            kind="local_s3", bucket=bucket, prefix=_join(prefix, ASSETS_PREFIX), seaweed_state_dir=state
-        )
-        return {"storage": storage, "io_manager": io}
-    bucket = os.environ.get("SPATIAL_ASSETS_BUCKET", "")
-    if not bucket:
-        raise StorageConfigError("deployment 's3' needs env SPATIAL_ASSETS_BUCKET (the bucket to store everything in)")
-    prefix = os.environ.get("SPATIAL_ASSETS_PREFIX", "")
-    endpoint_env = "SPATIAL_ASSETS_S3_ENDPOINT" if os.environ.get("SPATIAL_ASSETS_S3_ENDPOINT") else "AWS_ENDPOINT_URL"
-    common = dict(
-        endpoint_url=_env_or_none(endpoint_env),
-        aws_access_key_id=_env_or_none("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=_env_or_none("AWS_SECRET_ACCESS_KEY"),
-        region_name=_env_or_none("AWS_REGION") or _env_or_none("AWS_DEFAULT_REGION"),
-    )
-    common = {k: v for k, v in common.items() if v is not None}
+    if settings.deployment == "local_s3":
+        s3: S3Resource = LocalS3Resource(state_dir=str(settings.state_dir))
+    else:
+        s3 = s3_resource_from_env()
     return {
-        "storage": StorageResource(kind="s3", bucket=bucket, prefix=prefix, **common),
-        "io_manager": S3ObjectStoreIOManager(kind="s3", bucket=bucket, prefix=_join(prefix, ASSETS_PREFIX), **common),
+        "s3": s3,
+        "storage": S3StorageResource(
+            s3_resource=s3, bucket=settings.bucket, prefix=settings.prefix, cache_dir=cache, allowed_locations=allowed
+        ),
+        "io_manager": S3AssetIOManager(
+            s3_resource=s3, s3_bucket=settings.bucket, s3_prefix=join_prefix(settings.prefix, ASSETS_PREFIX), cache_dir=cache
+        ),
     }
-
-
-def _join(prefix: str, sub: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/{sub}" if prefix else sub

@@ -1,44 +1,54 @@
-"""IO managers storing asset values in an :class:`~spatial_assets.storage.stores.ObjectStore`.
+"""IO managers: Dagster's ``UPathIOManager`` over a local directory or S3, with this project's formats.
 
-Follows Dagster's ``UPathIOManager`` pattern — one base class (:class:`ObjectStoreIOManager`) owns
-paths, partitions, formats and metadata; the subclasses only say where the store is:
-:class:`LocalObjectStoreIOManager` (a directory) and :class:`S3ObjectStoreIOManager` (S3 / SeaweedFS).
+:class:`AssetIOManager` subclasses ``dagster.UPathIOManager``, which owns paths and partitions:
+``<base>/<asset key path>`` unpartitioned, ``<base>/<asset key path>/<partition>`` partitioned,
+multi-partitions ``.../<dimension values in dimension-name order>``; each object then carries its
+format's extension. The bytes move through an :class:`~spatial_assets.storage.stores.ObjectStore`
+rooted at the base path (atomic writes, ETag-keyed download cache, parallel multipart transfers).
+The configurable factories say where: :class:`LocalAssetIOManager` (a directory) and
+:class:`S3AssetIOManager` (a bucket, reached through the ``s3`` resource — a
+``dagster_aws.s3.S3Resource`` taken as a ``ResourceDependency``, as dagster-aws's own S3 IO
+managers do).
 
-Keys: ``<prefix>/<asset key path joined by />/<partition>.<ext>``; unpartitioned
-``<prefix>/<asset key path>.<ext>``; multi-partitions ``.../<dim values in dimension-name order>.<ext>``
-(as UPathIOManager). Partition values are checked with :func:`spatial_assets.core.ids.validate_id`.
+The format comes from the asset's definition, never from probing storage. Writing: the value's
+type (checked against definition metadata ``format`` if set). Reading, first match: ``format`` in
+the input's or the upstream asset's definition metadata, the input's declared type
+(``dict[str, X]`` → X for a multi-partition load), the upstream asset's declared return type (known
+only when it runs in the same run), the ``format`` recorded in its latest materialization.
 
-Formats — on write, by the Python type of the value; on read, by (first match wins) the ``format``
-metadata of the input, the ``format`` definition metadata of the upstream asset, the input's
-declared type (``dict[str, X]`` → X for a multi-partition load), else by probing which of the
-extensions exists in the store:
+=============  =============================  ========================================================
+format         value type                     stored as
+=============  =============================  ========================================================
+h5ad           ``anndata.AnnData``            ``.h5ad``: written to a local temp file (h5py cannot
+                                              write to an S3 object), then uploaded in parallel parts;
+                                              read while its parts download in parallel (into the
+                                              ETag cache: a second read is local)
+parquet        ``pandas.DataFrame``           ``.parquet``, streamed both ways (parts upload while it
+                                              is written; read as they download)
+json           ``dict`` / ``list``            ``.json`` (sorted keys: same value → same bytes → same sha256)
+model          ``training.TrainedModel``      ``.pkl`` + ``.pkl.card.json``; the card's sha256 is
+                                              verified before unpickling
+domain_model   ``domains.engine.DomainModel``  ``.zip`` (npz + json, no pickle) + ``.zip.card.json``;
+                                              sha256 verified before unpacking; the loaded model
+                                              carries it as ``.sha256``
+=============  =============================  ========================================================
 
-=========  ===========================  ============================================================
-format     value type                   files
-=========  ===========================  ============================================================
-h5ad       ``anndata.AnnData``          ``.h5ad`` written to a local temp file, then uploaded;
-                                        read from a local (cached) download, never via an S3 file object
-parquet    ``pandas.DataFrame``         ``.parquet``
-model      ``training.TrainedModel``    ``.pkl`` + ``.pkl.card.json`` (card holds the pickle sha256,
-                                        verified before unpickling)
-json       ``dict`` / ``list``          ``.json`` (sorted keys: same value → same bytes → same sha256)
-=========  ===========================  ============================================================
-
-Every write adds output metadata ``uri``, ``sha256`` (of the bytes written), ``size_bytes``,
-``format`` (+ ``n_obs``/``n_vars`` for AnnData, ``n_rows``/``n_cols`` for DataFrames,
-``card_uri`` for models). Writes are atomic (see :mod:`spatial_assets.storage.stores`): a failed
-serialisation or upload leaves no object at the final key.
+Every write adds output metadata ``uri`` (= ``path``), ``sha256`` of the bytes written,
+``size_bytes``, ``format`` (+ ``n_obs``/``n_vars``, ``n_rows``/``n_cols``, ``card_uri``). A value
+wrapped in :class:`~spatial_assets.defs.plots.WithFigures` also gets its PNGs stored beside it
+(``<object>.plots/<name>.png``) and a thumbnail of each in the metadata (``plot_<name>``).
+Writes are atomic: a failed serialisation or upload leaves no object at the final key and no
+multipart upload behind.
 
 Loading a partitioned upstream: a partitioned run that needs exactly one upstream partition gets the
 value itself; otherwise (an unpartitioned asset reading all partitions, several partitions, or a
 declared ``dict`` type) it gets ``{partition_key: value}``. ``allow_missing_partitions=True`` input
-metadata skips missing partitions, as in UPathIOManager.
+metadata skips missing partitions (UPathIOManager's own handling).
 
 NB: no ``from __future__ import annotations`` here; it breaks Dagster's config classes.
 """
 
 import collections.abc
-import importlib
 import json
 import shutil
 import tempfile
@@ -48,14 +58,20 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import dagster as dg
-from pydantic import PrivateAttr
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+from upath import UPath
 
 from spatial_assets.core.ids import validate_id
-from spatial_assets.storage.objectstore import sha256_file
-from spatial_assets.storage.stores import LocalStore, ObjectNotFoundError, ObjectStore, validate_key
+from spatial_assets.defs.plots import WithFigures, figure_markdown
+from spatial_assets.defs.resources import JANITOR_DESCRIPTION, clean_staging_at_run_start, client_factory, s3_settings_of
+from spatial_assets.storage.janitor import DEFAULT_OLDER_THAN_S
+from spatial_assets.storage.objectstore import TRANSFER_CONCURRENCY, TRANSFER_PART_SIZE
+from spatial_assets.storage.stores import LocalStore, ObjectNotFoundError, ObjectStore, S3Store
 
-FORMATS: dict[str, str] = {"h5ad": ".h5ad", "parquet": ".parquet", "model": ".pkl", "json": ".json"}
+FORMATS: dict[str, str] = {"h5ad": ".h5ad", "parquet": ".parquet", "json": ".json", "model": ".pkl", "domain_model": ".zip"}
 CARD_SUFFIX = ".card.json"
+PLOTS_SUFFIX = ".plots"
 
 
 class SerializationError(ValueError):
@@ -63,15 +79,17 @@ class SerializationError(ValueError):
 
 
 class UnsupportedValueError(ValueError):
-    """A value/type the IO manager has no format for, or an unknown/ambiguous ``format``."""
+    """A value/type the IO manager has no format for, or an unknown/undeclared ``format``."""
 
 
 class ModelCardError(ValueError):
-    """A stored model whose card is missing or unreadable (the pickle is then never loaded)."""
+    """A stored model whose card is missing or unreadable (the model is then never loaded)."""
 
 
-def _typing_type(context: dg.InputContext) -> Any:
-    """The input's declared Python type, or None (contexts built by hand may carry no type)."""
+def _typing_type(context: Union[dg.InputContext, dg.OutputContext, None]) -> Any:
+    """The declared Python type, or None (source assets and hand-built contexts carry none)."""
+    if context is None:
+        return None
     try:
         dagster_type = context.dagster_type
     except dg.DagsterInvariantViolationError:
@@ -105,294 +123,362 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-class ObjectStoreIOManager(dg.ConfigurableIOManager):
-    """Base: formats, keys, partitions and metadata over any ObjectStore (subclasses give the store)."""
+def _is_domain_model_class(tp: Any) -> bool:
+    from spatial_assets.domains.engine import DomainModel
 
-    prefix: str = ""
-    model_module: str = "spatial_assets.celltyping.training"  # module providing TrainedModel, save_model, load_model
-    h5ad_compression: Optional[str] = None  # None: measured 12x faster than gzip for ~4x the bytes
+    return tp is DomainModel or all(callable(getattr(tp, m, None)) for m in ("assign", "save", "load", "metadata"))
 
-    def get_store(self) -> ObjectStore:  # pragma: no cover - abstract
-        raise NotImplementedError
 
-    # -- keys ---------------------------------------------------------------------------------
-    def _base_key(self, context: Union[dg.InputContext, dg.OutputContext]) -> str:
-        parts = list(context.asset_key.path) if context.has_asset_key else list(context.get_identifier())
-        key = "/".join(p for p in [self.prefix.strip("/"), *parts] if p)
-        return validate_key(key)
+def format_for_value(obj: Any) -> Optional[str]:
+    import anndata as ad
+    import pandas as pd
 
-    @staticmethod
-    def _partition_path(partition_key: Any) -> str:
-        if isinstance(partition_key, dg.MultiPartitionKey):
-            dims = sorted(partition_key.keys_by_dimension.items())
-            return "/".join(validate_id(v, f"partition key ({d})") for d, v in dims)
-        return validate_id(str(partition_key), "partition key")
+    from spatial_assets.celltyping.training import TrainedModel
+    from spatial_assets.domains.engine import DomainModel
 
-    def _keys_without_ext(self, context: Union[dg.InputContext, dg.OutputContext]) -> dict[str, str]:
-        """partition key → key without extension; ``{"": key}`` when unpartitioned."""
-        base = self._base_key(context)
-        if context.has_asset_key and context.has_asset_partitions:
-            return {str(pk): f"{base}/{self._partition_path(pk)}" for pk in context.asset_partition_keys}
-        return {"": base}
+    if isinstance(obj, ad.AnnData):
+        return "h5ad"
+    if isinstance(obj, pd.DataFrame):
+        return "parquet"
+    if isinstance(obj, TrainedModel):
+        return "model"
+    if isinstance(obj, (dict, list)):
+        return "json"
+    if isinstance(obj, DomainModel):
+        return "domain_model"
+    return None
+
+
+def format_for_type(tp: Any, *, partitions: bool) -> Optional[str]:
+    """The format a declared type implies (``partitions``: ``dict[str, X]`` means X per partition)."""
+    import anndata as ad
+    import pandas as pd
+
+    from spatial_assets.celltyping.training import TrainedModel
+
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):  # Optional[X] / X | None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return format_for_type(args[0], partitions=partitions) if len(args) == 1 else None
+    if partitions and _is_dict_type(tp):  # {partition: value}: the value type decides
+        args = typing.get_args(tp)
+        return format_for_type(args[1], partitions=False) if len(args) == 2 else None
+    if isinstance(tp, type):
+        if issubclass(tp, ad.AnnData):
+            return "h5ad"
+        if issubclass(tp, pd.DataFrame):
+            return "parquet"
+        if issubclass(tp, TrainedModel):
+            return "model"
+        if issubclass(tp, (dict, list)):
+            return "json"
+        if _is_domain_model_class(tp):
+            return "domain_model"
+    if origin in (dict, list):
+        return "json"
+    return None
+
+
+def _check_format(fmt: Any, where: str) -> str:
+    if fmt not in FORMATS:
+        raise UnsupportedValueError(f"{where}: format {fmt!r} is not one of {sorted(FORMATS)}")
+    return str(fmt)
+
+
+class AssetIOManager(dg.UPathIOManager):
+    """UPathIOManager for this project's formats; ``store`` is rooted at ``base_path``."""
+
+    def __init__(self, base_path: UPath, store: ObjectStore, *, h5ad_compression: Optional[str] = None) -> None:
+        super().__init__(base_path=base_path)
+        self.store = store
+        self.h5ad_compression = h5ad_compression  # None: measured 12x faster than gzip for ~4x the bytes
+        self._written: dict[int, dict[str, Any]] = {}  # output metadata, dump_to_path → get_metadata
+        self._reading: dict[int, str] = {}  # the format of the input being loaded
+
+    # -- paths (UPathIOManager's, made into store keys) ---------------------------------------
+    def key(self, path: UPath) -> str:
+        base, full = str(self._base_path).rstrip("/"), str(path)
+        if not full.startswith(base + "/"):
+            raise ValueError(f"{full} is not under the IO manager's base path {base}")
+        return full[len(base) + 1 :]
+
+    def get_path_for_partition(self, context: Any, path: UPath, partition: str) -> UPath:
+        for segment in partition.split("/"):  # multi-partition keys arrive as "<dim a value>/<dim b value>"
+            validate_id(segment, "partition key")
+        return super().get_path_for_partition(context, path, partition)
+
+    def make_directory(self, path: UPath) -> None:
+        """Nothing to do: the store creates local directories itself, and S3 has none."""
+
+    def _handle_transition_to_partitioned_asset(self, context: dg.OutputContext, path: UPath) -> None:
+        """Nothing to do: every object carries its format's extension, so an unpartitioned value
+        (``<asset>.h5ad``) never occupies the path its partitions' directory (``<asset>/``) needs."""
+
+    def path_exists(self, path: UPath) -> bool:
+        return self.store.exists(self.key(path))
+
+    def unlink(self, path: UPath) -> None:
+        self.store.delete(self.key(path))
 
     # -- formats ------------------------------------------------------------------------------
-    def _model_api(self) -> Optional[types.ModuleType]:
-        try:
-            return importlib.import_module(self.model_module)
-        except ImportError:
-            return None
+    def _output_format(self, context: dg.OutputContext, value: Any) -> str:
+        fmt = format_for_value(value)
+        if fmt is None:
+            raise UnsupportedValueError(
+                f"{_describe(context)}: no storage format for {type(value).__module__}.{type(value).__name__} "
+                f"(supported: AnnData, DataFrame, TrainedModel, DomainModel, dict/list)"
+            )
+        wanted = (context.definition_metadata or {}).get("format")
+        if wanted is not None and _check_format(wanted, f"metadata of {_describe(context)}") != fmt:
+            raise UnsupportedValueError(f"{_describe(context)}: metadata says format {wanted!r} but the value is {fmt}")
+        return fmt
 
-    def _format_for_value(self, obj: Any) -> Optional[str]:
-        import anndata as ad
-        import pandas as pd
-
-        if isinstance(obj, ad.AnnData):
-            return "h5ad"
-        if isinstance(obj, pd.DataFrame):
-            return "parquet"
-        api = self._model_api()
-        if api is not None and isinstance(obj, api.TrainedModel):
-            return "model"
-        if isinstance(obj, (dict, list)):
-            return "json"
-        return None
-
-    def _format_for_type(self, tp: Any, *, partitions: bool) -> Optional[str]:
-        import anndata as ad
-        import pandas as pd
-
-        origin = typing.get_origin(tp)
-        if origin in (Union, types.UnionType):  # Optional[X] / X | None
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            return self._format_for_type(args[0], partitions=partitions) if len(args) == 1 else None
-        if partitions and _is_dict_type(tp):  # {partition: value}: the value type decides
-            args = typing.get_args(tp)
-            return self._format_for_type(args[1], partitions=False) if len(args) == 2 else None
-        if isinstance(tp, type):
-            if issubclass(tp, ad.AnnData):
-                return "h5ad"
-            if issubclass(tp, pd.DataFrame):
-                return "parquet"
-            api = self._model_api()
-            if api is not None and issubclass(tp, api.TrainedModel):
-                return "model"
-            if issubclass(tp, (dict, list)):
-                return "json"
-        if origin in (dict, list):
-            return "json"
-        return None
+    def input_format(self, context: dg.InputContext) -> str:
+        upstream = context.upstream_output
+        for meta, where in ((context.definition_metadata, "input"), (upstream.definition_metadata if upstream else None, "asset")):
+            fmt = (meta or {}).get("format")
+            if fmt is not None:
+                return _check_format(fmt, f"{where} metadata of {_describe(context)}")
+        partitioned = context.has_asset_key and context.has_asset_partitions
+        fmt = format_for_type(_typing_type(context), partitions=partitioned)
+        if fmt is None:  # known only when the upstream asset runs in the same run
+            fmt = format_for_type(_typing_type(upstream), partitions=False)
+        if fmt is None:
+            fmt = self._recorded_format(context)
+        if fmt is None:
+            raise UnsupportedValueError(
+                f"cannot tell the storage format of {_describe(context)}: annotate the asset's return type or the "
+                f"input's type (AnnData, DataFrame, TrainedModel, DomainModel, dict), or set metadata {{'format': ...}} "
+                f"(one of {sorted(FORMATS)})"
+            )
+        return fmt
 
     @staticmethod
-    def _check_format(fmt: Any, where: str) -> str:
-        if fmt not in FORMATS:
-            raise UnsupportedValueError(f"{where}: format {fmt!r} is not one of {sorted(FORMATS)}")
-        return str(fmt)
-
-    def _declared_format(self, context: dg.InputContext) -> Optional[str]:
-        fmt = (context.definition_metadata or {}).get("format")
-        if fmt is None and context.upstream_output is not None:
-            fmt = (context.upstream_output.definition_metadata or {}).get("format")
-        if fmt is not None:
-            return self._check_format(fmt, f"input metadata of {_describe(context)}")
-        return self._format_for_type(_typing_type(context), partitions=context.has_asset_key and context.has_asset_partitions)
-
-    def _probe_format(self, store: ObjectStore, key: str, context: dg.InputContext) -> str:
-        found = [fmt for fmt, ext in FORMATS.items() if store.exists(key + ext)]
-        if not found:
-            raise ObjectNotFoundError(
-                f"no stored value for {_describe(context)} at {store.uri(key)}.{{{','.join(e[1:] for e in FORMATS.values())}}}"
-            )
-        if len(found) > 1:
-            raise UnsupportedValueError(
-                f"{_describe(context)}: several formats stored at {store.uri(key)} ({found}); "
-                "declare the input type or set metadata {'format': ...}"
-            )
-        return found[0]
+    def _recorded_format(context: dg.InputContext) -> Optional[str]:
+        """The ``format`` this IO manager recorded in the upstream asset's latest materialization
+        (the Dagster instance's record of what was written, not a look at storage)."""
+        if not context.has_asset_key:
+            return None
+        try:
+            event = context.instance.get_latest_materialization_event(context.asset_key)
+        except Exception:  # no instance (a hand-built context)
+            return None
+        entry = event.asset_materialization.metadata.get("format") if event and event.asset_materialization else None
+        fmt = getattr(entry, "value", entry)
+        return fmt if fmt in FORMATS else None
 
     # -- write --------------------------------------------------------------------------------
-    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
         if obj is None:
             context.log.debug(f"{_describe(context)} returned None: nothing stored")
             return
-        keys = self._keys_without_ext(context)
-        if len(keys) != 1:
-            raise UnsupportedValueError(
-                f"{_describe(context)}: one output for {len(keys)} partitions; launch backfills one run per partition"
-            )
-        fmt = self._format_for_value(obj)
-        if fmt is None:
-            raise UnsupportedValueError(
-                f"{_describe(context)}: no storage format for {type(obj).__module__}.{type(obj).__name__} "
-                f"(supported: AnnData, DataFrame, TrainedModel, dict/list)"
-            )
-        wanted = (context.definition_metadata or {}).get("format")
-        if wanted is not None and self._check_format(wanted, f"metadata of {_describe(context)}") != fmt:
-            raise UnsupportedValueError(f"{_describe(context)}: metadata says format {wanted!r} but the value is {fmt}")
-        key = next(iter(keys.values())) + FORMATS[fmt]
-        store = self.get_store()
-        meta = self._write(store, key, fmt, obj, context)
-        context.add_output_metadata(meta)
+        value, figures = (obj.value, obj.figures) if isinstance(obj, WithFigures) else (obj, {})
+        fmt = self._output_format(context, value)
+        key = self.key(path) + FORMATS[fmt]
+        writer = {"h5ad": self._write_h5ad, "parquet": self._write_parquet, "json": self._write_json,
+                  "model": self._write_model, "domain_model": self._write_domain_model}[fmt]
+        meta: dict[str, Any] = {"format": fmt, **writer(key, value, context)}
+        meta["path"] = meta["uri"] = dg.MetadataValue.path(self.store.uri(key))
+        if figures:
+            meta.update(self._write_figures(key, figures, context))
+        self._written[id(context)] = meta
 
-    def _write(self, store: ObjectStore, key: str, fmt: str, obj: Any, context: dg.OutputContext) -> dict[str, Any]:
-        meta: dict[str, Any] = {"format": fmt}
-        if fmt == "model":
-            return {**meta, **self._write_model(store, key, obj, context)}
-        with store.staged(key) as tmp:
+    def get_metadata(self, context: dg.OutputContext, obj: Any) -> dict[str, Any]:
+        return self._written.pop(id(context), {})
+
+    def _fail(self, context: dg.OutputContext, fmt: str, key: str, exc: Exception) -> SerializationError:
+        return SerializationError(f"could not write {_describe(context)} as {fmt} to {self.store.uri(key)}: {exc}")
+
+    def _write_h5ad(self, key: str, adata: Any, context: dg.OutputContext) -> dict[str, Any]:
+        def write(path: Path) -> None:
             try:
-                if fmt == "h5ad":
-                    obj.write_h5ad(tmp, compression=self.h5ad_compression)
-                    meta.update(n_obs=int(obj.n_obs), n_vars=int(obj.n_vars))
-                elif fmt == "parquet":
-                    obj.to_parquet(tmp)
-                    meta.update(n_rows=int(obj.shape[0]), n_cols=int(obj.shape[1]))
-                else:
-                    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
-                    tmp.write_bytes(data)
+                adata.write_h5ad(path, compression=self.h5ad_compression)
             except Exception as exc:
-                raise SerializationError(f"could not write {_describe(context)} as {fmt} to {store.uri(key)}: {exc}") from exc
-            meta.update(sha256=sha256_file(tmp), size_bytes=tmp.stat().st_size)
-        meta["uri"] = dg.MetadataValue.path(store.uri(key))
-        return meta
+                raise self._fail(context, "h5ad", key, exc) from exc
 
-    def _write_model(self, store: ObjectStore, key: str, obj: Any, context: dg.OutputContext) -> dict[str, Any]:
-        api = self._model_api()
-        assert api is not None
+        info = self.store.write_file(key, write)
+        return {"sha256": info.sha256, "size_bytes": info.size, "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}
+
+    def _write_parquet(self, key: str, df: Any, context: dg.OutputContext) -> dict[str, Any]:
+        with self.store.open_write(key) as out:
+            try:
+                df.to_parquet(out)
+            except Exception as exc:
+                if out.error is not None:  # the upload failed, not the serialiser
+                    raise
+                raise self._fail(context, "parquet", key, exc) from exc
+        assert out.result is not None
+        return {"sha256": out.result.sha256, "size_bytes": out.result.size, "n_rows": int(df.shape[0]), "n_cols": int(df.shape[1])}
+
+    def _write_json(self, key: str, value: Any, context: dg.OutputContext) -> dict[str, Any]:
+        try:
+            data = json.dumps(value, indent=2, sort_keys=True, default=_json_default).encode()
+        except Exception as exc:
+            raise self._fail(context, "json", key, exc) from exc
+        info = self.store.write_bytes(key, data)
+        return {"sha256": info.sha256, "size_bytes": info.size}
+
+    def _write_with_card(self, key: str, local: Path, card: dict[str, Any]) -> dict[str, Any]:
+        """Object first, card last: a reader that sees a new card always finds the matching object;
+        a half-finished update (new object, old card) fails the sha256 check instead of loading."""
+        info = self.store.put_file(local, key, with_sha256=True)
+        if card.get("sha256") not in (None, info.sha256):
+            self.store.delete(key)
+            raise SerializationError(f"{self.store.uri(key)}: stored bytes do not hash to the card's sha256")
+        card = {**card, "sha256": info.sha256}
+        try:
+            self.store.write_bytes(key + CARD_SUFFIX, json.dumps(card, indent=2, sort_keys=True, default=_json_default).encode())
+        except BaseException:
+            self.store.delete(key)
+            raise
+        return {"sha256": info.sha256, "size_bytes": info.size, "card_uri": dg.MetadataValue.path(self.store.uri(key + CARD_SUFFIX))}
+
+    def _write_model(self, key: str, model: Any, context: dg.OutputContext) -> dict[str, Any]:
+        from spatial_assets.celltyping.training import save_model
+
         tmpdir = Path(tempfile.mkdtemp(prefix="model-"))
         try:
             path = tmpdir / Path(key).name
             try:
-                digest = api.save_model(obj, path)
+                save_model(model, path)
             except Exception as exc:
-                raise SerializationError(f"could not write {_describe(context)} as a model to {store.uri(key)}: {exc}") from exc
-            card = Path(f"{path}{CARD_SUFFIX}")
-            # pickle first, card last: a reader that sees a new card always finds the matching pickle;
-            # a half-finished update (new pickle, old card) fails the sha256 check instead of loading.
-            store.put_file(path, key)
-            try:
-                store.put_file(card, key + CARD_SUFFIX)
-            except BaseException:
-                store.delete(key)
-                raise
-            return {
-                "uri": dg.MetadataValue.path(store.uri(key)),
-                "card_uri": dg.MetadataValue.path(store.uri(key + CARD_SUFFIX)),
-                "sha256": digest,
-                "size_bytes": path.stat().st_size,
-            }
+                raise self._fail(context, "model", key, exc) from exc
+            card = json.loads(Path(f"{path}{CARD_SUFFIX}").read_text())  # save_model's card (with the pickle's sha256)
+            return self._write_with_card(key, path, card)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    # -- read ---------------------------------------------------------------------------------
-    def load_input(self, context: dg.InputContext) -> Any:
-        store = self.get_store()
-        fmt = self._declared_format(context)
-        keys = self._keys_without_ext(context)
-        partitioned = context.has_asset_key and context.has_asset_partitions
-        if not partitioned:
-            return self._read(store, keys[""], fmt, context)
-        allow_missing = bool((context.definition_metadata or {}).get("allow_missing_partitions", False))
-        tp = _typing_type(context)
-        wants_dict = _is_dict_type(tp)
-        if len(keys) == 1 and context.has_partition_key and not wants_dict:
-            return self._read(store, next(iter(keys.values())), fmt, context)
-        out: dict[str, Any] = {}
-        for pk, key in keys.items():
+    def _write_domain_model(self, key: str, model: Any, context: dg.OutputContext) -> dict[str, Any]:
+        from spatial_assets.platform.domains import pack_model
+
+        tmpdir = Path(tempfile.mkdtemp(prefix="domain-model-"))
+        try:
+            path = tmpdir / Path(key).name
             try:
-                out[pk] = self._read(store, key, fmt, context)
-            except FileNotFoundError:
-                if not allow_missing:
-                    raise
-                context.log.warning(f"partition {pk} of {_describe(context)} is missing: skipped (allow_missing_partitions)")
+                sha = pack_model(model, path)
+                card = {"sha256": sha, "format": "domain_model", "metadata": model.metadata()}
+            except Exception as exc:
+                raise self._fail(context, "domain_model", key, exc) from exc
+            return self._write_with_card(key, path, card)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _write_figures(self, key: str, figures: dict[str, bytes], context: dg.OutputContext) -> dict[str, Any]:
+        """Each PNG beside the object; a figure that cannot be stored is skipped, never fatal."""
+        stem = key.rsplit(".", 1)[0]
+        out: dict[str, Any] = {}
+        for name, png in sorted(figures.items()):
+            fig_key = f"{stem}{PLOTS_SUFFIX}/{name}.png"
+            try:
+                self.store.write_bytes(fig_key, png)
+                out[f"plot_{name}"] = figure_markdown(name, png, self.store.uri(fig_key))
+            except Exception as exc:
+                context.log.warning(f"could not store plot {name!r} of {_describe(context)}: {exc!r}")
         return out
 
-    def _read(self, store: ObjectStore, key: str, fmt: Optional[str], context: dg.InputContext) -> Any:
-        fmt = fmt or self._probe_format(store, key, context)
-        key = key + FORMATS[fmt]
-        if fmt == "model":
-            return self._read_model(store, key)
-        path = store.get_file(key)
+    # -- read ---------------------------------------------------------------------------------
+    def load_input(self, context: dg.InputContext) -> Any:
+        self._reading[id(context)] = self.input_format(context)  # once per input, not once per partition
+        try:
+            return super().load_input(context)
+        finally:
+            self._reading.pop(id(context), None)
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        fmt = self._reading.get(id(context)) or self.input_format(context)
+        key = self.key(path) + FORMATS[fmt]
+        if fmt == "json":
+            return json.loads(self.store.read_bytes(key))
+        if fmt in ("model", "domain_model"):
+            return self._read_with_card(key, fmt)
         if fmt == "h5ad":
             import anndata as ad
 
-            return ad.read_h5ad(path)
-        if fmt == "parquet":
-            import pandas as pd
+            return self._read_streaming(key, ad.read_h5ad)
+        import pandas as pd
 
-            return pd.read_parquet(path)
-        return json.loads(Path(path).read_bytes())
+        return self._read_streaming(key, pd.read_parquet)
 
-    def _read_model(self, store: ObjectStore, key: str) -> Any:
-        api = self._model_api()
-        if api is None:
-            raise ModuleNotFoundError(f"cannot load model {store.uri(key)}: module {self.model_module!r} not importable")
+    def _read_streaming(self, key: str, read: Any) -> Any:
+        """S3: read while the parts still download (h5py and pyarrow take file objects); local: the file."""
+        if isinstance(self.store, S3Store):
+            with self.store.open_read(key) as fh:
+                return read(fh)
+        return read(self.store.get_file(key))
+
+    def _read_with_card(self, key: str, fmt: str) -> Any:
         card_key = key + CARD_SUFFIX
-        if not store.exists(key):
-            raise ObjectNotFoundError(f"no model at {store.uri(key)}")
+        if not self.store.exists(key):
+            raise ObjectNotFoundError(f"no {fmt} at {self.store.uri(key)}")
         try:
-            card = json.loads(store.read_bytes(card_key))
-            expected = card["sha256"]
+            expected = json.loads(self.store.read_bytes(card_key))["sha256"]
         except ObjectNotFoundError as exc:
-            raise ModelCardError(f"model {store.uri(key)} has no card at {store.uri(card_key)}: refusing to load it") from exc
+            raise ModelCardError(f"{fmt} {self.store.uri(key)} has no card at {self.store.uri(card_key)}: refusing to load it") from exc
         except (ValueError, KeyError, TypeError) as exc:
-            raise ModelCardError(f"model card {store.uri(card_key)} is unreadable or lacks 'sha256': {exc}") from exc
-        return api.load_model(store.get_file(key), expected)
+            raise ModelCardError(f"card {self.store.uri(card_key)} is unreadable or lacks 'sha256': {exc}") from exc
+        local = self.store.get_file(key)
+        if fmt == "model":
+            from spatial_assets.celltyping.training import load_model
+
+            return load_model(local, expected)  # verifies the sha256 before unpickling
+        from spatial_assets.platform.domains import unpack_model
+
+        model = unpack_model(local, expected)  # verifies the sha256 before unpacking
+        model.sha256 = expected
+        return model
+
+    def load_partitions(self, context: dg.InputContext) -> Any:
+        """UPathIOManager's, except that one partition comes as ``{key: value}`` when the consumer
+        reads a mapping (declared ``dict`` type, or an unpartitioned consumer of a partitioned asset)."""
+        loaded = super().load_partitions(context)
+        keys = list(context.asset_partition_keys)
+        if len(keys) == 1 and (_is_dict_type(_typing_type(context)) or not context.has_partition_key):
+            return {} if loaded is None else {keys[0]: loaded}
+        return loaded
 
 
-class LocalObjectStoreIOManager(ObjectStoreIOManager):
-    """Asset values as files under ``root/prefix`` (deployment ``local``)."""
+class LocalAssetIOManager(dg.ConfigurableIOManagerFactory):
+    """Asset values as files under ``base_dir`` (deployment ``local``)."""
 
-    root: str
-
-    _store: Optional[ObjectStore] = PrivateAttr(default=None)
-
-    def get_store(self) -> ObjectStore:
-        if self._store is None:
-            self._store = LocalStore(self.root)
-        return self._store
-
-
-class S3ObjectStoreIOManager(ObjectStoreIOManager):
-    """Asset values in ``s3://bucket/prefix/`` (deployments ``s3`` and ``local_s3``).
-
-    Unset S3 fields fall back to the environment; ``kind="local_s3"`` takes endpoint and credentials
-    from the SeaweedFS state dir, starting the server on first use (never at definitions import).
-    """
-
-    bucket: str
-    kind: str = "s3"  # "s3" | "local_s3"
-    seaweed_state_dir: str = ""
-    endpoint_url: Optional[str] = None
-    aws_access_key_id: Optional[str] = None
-    aws_secret_access_key: Optional[str] = None
-    region_name: Optional[str] = None
-    cache_dir: Optional[str] = None
-
-    _store: Optional[ObjectStore] = PrivateAttr(default=None)
+    base_dir: str = Field(description="directory for asset values (<storage root>/assets)")
+    h5ad_compression: Optional[str] = Field(default=None, description="h5py compression for h5ad (None: fastest)")
+    janitor_older_than_s: float = Field(default=DEFAULT_OLDER_THAN_S, ge=0, description=JANITOR_DESCRIPTION)
 
     def get_store(self) -> ObjectStore:
-        from spatial_assets.defs.resources import _resolve_s3_settings, _s3_client_factory
-        from spatial_assets.storage.deployment import StorageConfigError, _make_store
+        return LocalStore(self.base_dir)
 
-        if self._store is None:
-            if self.kind not in ("s3", "local_s3"):
-                raise StorageConfigError(f"S3ObjectStoreIOManager kind {self.kind!r} is not 's3' or 'local_s3'")
-            settings = _resolve_s3_settings(
-                self.kind,
-                seaweed_state_dir=self.seaweed_state_dir or None,
-                endpoint_url=self.endpoint_url,
-                aws_access_key_id=self.aws_access_key_id,
-                aws_secret_access_key=self.aws_secret_access_key,
-                region_name=self.region_name,
-            )
-            # the prefix is applied by the base class, so the store sits at the bucket root
-            self._store = _make_store(
-                self.kind,
-                bucket=self.bucket,
-                prefix="",
-                root="",
-                settings=settings,
-                cache_dir=self.cache_dir,
-                create_bucket=self.kind == "local_s3",
-                client_factory=_s3_client_factory(settings),
-            )
-        return self._store
+    def create_io_manager(self, context: Any) -> AssetIOManager:
+        store = self.get_store()
+        clean_staging_at_run_start(context, store, self.janitor_older_than_s)
+        return AssetIOManager(UPath(str(store.root)), store, h5ad_compression=self.h5ad_compression)
+
+
+class S3AssetIOManager(dg.ConfigurableIOManagerFactory):
+    """Asset values under ``s3://<s3_bucket>/<s3_prefix>/`` (deployments ``s3`` and ``local_s3``)."""
+
+    s3_resource: dg.ResourceDependency[S3Resource]
+    s3_bucket: str = Field(description="bucket for asset values")
+    s3_prefix: str = Field(default="assets", description="key prefix of asset values inside the bucket")
+    cache_dir: str = Field(default="", description="local download cache (default $SPATIAL_ASSETS_HOME/cache)")
+    h5ad_compression: Optional[str] = Field(default=None, description="h5py compression for h5ad (None: fastest)")
+    part_size_mb: int = Field(default=TRANSFER_PART_SIZE // 2**20, description="multipart part size (MiB)")
+    transfer_concurrency: int = Field(default=TRANSFER_CONCURRENCY, description="parts moved in parallel per transfer")
+    janitor_older_than_s: float = Field(default=DEFAULT_OLDER_THAN_S, ge=0, description=JANITOR_DESCRIPTION)
+
+    def get_store(self) -> S3Store:
+        return S3Store(
+            self.s3_bucket,
+            self.s3_prefix,
+            client_factory(self.s3_resource),
+            cache_dir=self.cache_dir or None,
+            part_size=self.part_size_mb * 2**20,
+            concurrency=self.transfer_concurrency,
+        )
+
+    def create_io_manager(self, context: Any) -> AssetIOManager:
+        store = self.get_store()
+        clean_staging_at_run_start(context, store, self.janitor_older_than_s)
+        prefix = store.prefix
+        base = UPath(f"s3://{self.s3_bucket}/{prefix}" if prefix else f"s3://{self.s3_bucket}",
+                     **s3_settings_of(self.s3_resource).s3fs_options())
+        return AssetIOManager(base, store, h5ad_compression=self.h5ad_compression)

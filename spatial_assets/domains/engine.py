@@ -39,6 +39,8 @@ ENGINES: dict[str, str] = {
     "neighborhood": "spatial_assets.domains.neighborhood:NeighborhoodDomainEngine",
     "novae": "spatial_assets.domains.novae.engine:NovaeDomainEngine",
 }
+# engines that need an optional extra: name -> (top-level modules they import, pip extra that brings them)
+OPTIONAL_ENGINES: dict[str, tuple[tuple[str, ...], str]] = {"novae": (("torch", "novae"), "novae")}
 # Measured on STARmap mPFC (benchmarks/bench_starmap_domains.py) and the synthetic benchmark: the
 # neighbourhood engine wins offline; Novae trained from scratch collapses (see docs/domains.md).
 DEFAULT_ENGINE = "neighborhood"
@@ -46,6 +48,10 @@ DEFAULT_ENGINE = "neighborhood"
 
 class DomainInputError(ValueError):
     """Input that cannot be given domains (no coordinates, NaN coordinates, too few cells, ...)."""
+
+
+class EngineUnavailableError(DomainInputError):
+    """The engine asked for needs an optional extra that is not installed (e.g. Novae and torch)."""
 
 
 def level_key(k: int) -> str:
@@ -166,16 +172,28 @@ class DomainEngine(Protocol):
         ...
 
 
-def _import(target: str) -> Any:
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def _import(name: str) -> Any:
+    """The engine class registered as ``name``, imported now (optional extras: a clear error if absent)."""
+    module, _, attr = ENGINES[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        needs, extra = OPTIONAL_ENGINES.get(name, ((), ""))
+        missing = (exc.name or "").split(".")[0]
+        if missing not in needs:
+            raise
+        raise EngineUnavailableError(
+            f"domain engine {name!r} needs the optional dependencies {', '.join(needs)}, and {missing!r} "
+            f"cannot be imported ({exc}); install them with: pip install 'spatial_assets[{extra}]' "
+            f"(the default engine {DEFAULT_ENGINE!r} needs neither)"
+        ) from exc
 
 
 def get_engine(name: str, **config: Any) -> DomainEngine:
     """Engine by name with its configuration (constructor keywords); unknown name → ValueError."""
     if name not in ENGINES:
         raise DomainInputError(f"unknown domain engine {name!r}; known: {sorted(ENGINES)}")
-    return _import(ENGINES[name])(**config)
+    return _import(name)(**config)
 
 
 def load_model(directory: str | Path) -> DomainModel:
@@ -187,7 +205,7 @@ def load_model(directory: str | Path) -> DomainModel:
     name = meta.get("engine")
     if name not in ENGINES:
         raise DomainInputError(f"{path}: unknown engine {name!r}")
-    cls = _import(ENGINES[name])
+    cls = _import(name)
     model_cls = getattr(cls, "model_class", None)
     if model_cls is None:
         raise DomainInputError(f"engine {name!r} does not expose a model_class")
@@ -217,6 +235,10 @@ def run_domains(
     if n_total < max(lv):
         raise DomainInputError(f"{n_total} cells in all inputs is fewer than the {max(lv)} domains asked for")
     engine = get_engine(method, **engine_config)
+    fit_assign = getattr(engine, "fit_assign", None)
+    if fit_assign is not None:  # same result as fit + assign, without computing the features twice
+        model, outs = fit_assign(adatas, levels=lv, n_domains=int(n_domains), seed=seed, sample_key=batch_key)
+        return outs, model
     model = engine.fit(adatas, levels=lv, n_domains=int(n_domains), seed=seed, sample_key=batch_key)
     return [model.assign(a, sample_key=batch_key) for a in adatas], model
 
@@ -230,6 +252,8 @@ __all__ = [
     "DomainInputError",
     "DomainModel",
     "ENGINES",
+    "EngineUnavailableError",
+    "OPTIONAL_ENGINES",
     "MODEL_JSON",
     "domain_categorical",
     "domain_id",

@@ -34,6 +34,7 @@ CoordType = Literal["generic", "grid"]
 # rule works for µm, pixels or bin indices, at any cell density)
 DEFAULT_RADIUS_SCALE = 2.0
 _GRID_TOL = 0.1  # lattice distances are matched within 10 % of the spacing
+_LATTICE_TOL = 0.02  # detect_lattice: nearest-neighbour distances within 2 % of the spacing
 
 
 def median_nn_distance(xy: np.ndarray) -> float:
@@ -187,6 +188,78 @@ def spatial_graph_matrices(
     return conn, dmat, params
 
 
+def detect_lattice(
+    xy: np.ndarray, *, tol: float = _LATTICE_TOL, min_fraction: float = 0.9, max_points: int = 5_000, seed: int = 0
+) -> tuple[str | None, float]:
+    """(``"hex"``, ``"square"`` or None, spacing): are these points spots/bins on a regular lattice?
+
+    Spots (Visium: hexagonal) and bins (Stereo-seq, Visium HD: square) sit at one exact distance from
+    their nearest neighbours; cells never do. So: the nearest-neighbour distance of >= ``min_fraction``
+    of (a seeded sample of) the points lies within ``tol`` of its median, and the number of points at
+    that distance says the lattice (6 hexagonal, 4 square). Scale-free: units never enter.
+    """
+    xy = np.asarray(xy, dtype=np.float64)[:, :2]
+    n = xy.shape[0]
+    if n < 10:
+        return None, median_nn_distance(xy) if n >= 2 else 1.0
+    rng = np.random.default_rng(seed)
+    probe = np.sort(rng.choice(n, max_points, replace=False)) if n > max_points else np.arange(n)
+    d, _ = NearestNeighbors(n_neighbors=min(7, n)).fit(xy).kneighbors(xy[probe])
+    d = d[:, 1:]
+    spacing = float(np.median(d[:, 0]))
+    if spacing <= 0:
+        return None, spacing
+    if np.mean(np.abs(d[:, 0] - spacing) <= tol * spacing) < min_fraction:
+        return None, spacing
+    ring = np.median((np.abs(d - spacing) <= tol * spacing).sum(axis=1))
+    if ring >= 6:
+        return "hex", spacing
+    if ring >= 3:
+        return "square", spacing
+    return None, spacing
+
+
+#: lattice type -> neighbours of its first ring
+LATTICE_NEIGHBORS = {"hex": 6, "square": 4}
+
+
+def neighbourhood_graph(
+    xy: np.ndarray,
+    groups: list[np.ndarray],
+    *,
+    n_neighbors: int = 10,
+    coord_type: str = "auto",
+) -> tuple[sp.csr_matrix, dict[str, Any]]:
+    """The domain engines' spatial graph: per group, lattice neighbours for spots/bins on a grid,
+    k-NN (``n_neighbors``) for cells; block-diagonal over groups (no edge between samples).
+
+    ``coord_type``: ``"auto"`` decides per group with :func:`detect_lattice`; ``"generic"`` is always
+    k-NN; ``"grid"`` is always the lattice (square if it cannot tell). Returns (connectivities, info)
+    with what each group got.
+    """
+    if coord_type not in ("auto", "generic", "grid"):
+        raise DomainInputError(f"unknown coord_type {coord_type!r}; use 'auto', 'generic' or 'grid'")
+    n = xy.shape[0]
+    total = sp.csr_matrix((n, n), dtype=np.float32)
+    kinds: list[str] = []
+    for g in groups:
+        lattice = None
+        if coord_type != "generic" and g.size >= 2:
+            lattice, _ = detect_lattice(xy[g])
+            if coord_type == "grid" and lattice is None:
+                lattice = "square"
+        if lattice is None:
+            conn, _, _ = spatial_graph_matrices(xy, [g], method="knn", n_neighbors=n_neighbors)
+            kinds.append(f"knn{n_neighbors}")
+        else:
+            conn, _, _ = spatial_graph_matrices(xy, [g], coord_type="grid", n_neighbors=LATTICE_NEIGHBORS[lattice])
+            kinds.append(f"{lattice}_lattice")
+        total = total + conn
+    total = sp.csr_matrix(total)
+    total.data[:] = 1.0
+    return total, {"graph_per_group": kinds, "mean_degree": float(total.nnz / max(n, 1))}
+
+
 def build_spatial_graph(
     adata: AnnData,
     *,
@@ -280,9 +353,12 @@ __all__ = [
     "DISTANCES_KEY",
     "GRAPH_UNS",
     "ISLAND_OBS",
+    "LATTICE_NEIGHBORS",
     "build_spatial_graph",
+    "detect_lattice",
     "find_islands",
     "flag_islands",
     "median_nn_distance",
+    "neighbourhood_graph",
     "spatial_graph_matrices",
 ]

@@ -49,6 +49,9 @@ class AuditReport:
         for rid, ref in sorted((p.get("references") or {}).items()):
             lines.append(f"  reference {rid}: {ref.get('uri')}  sha256={ref.get('sha256')}")
         ts = p.get("training_set") or {}
+        panel = p.get("panel") or {}
+        if panel:
+            lines.append(f"  panel {panel.get('id')}: {panel.get('name')}")
         lines.append(f"  -> training set  content_sha256={ts.get('content_sha256')}  cells={ts.get('n_cells')}")
         model = p.get("model") or {}
         lines.append(f"  -> model         sha256={model.get('sha256')}")
@@ -74,6 +77,8 @@ def audit_sample(
 ) -> AuditReport:
     """Compare a sample's recorded chain with the current objects in ``store``.
 
+    ``model_card_key`` may contain ``{panel}``: the panel recorded in the provenance (each panel
+    has its own model, so the current model to compare with is that panel's).
     ``reference_record_key`` is a format string with ``{id}``; ``fingerprint(uri)`` (optional)
     returns the current sha256 of a reference file so an edit made outside the platform shows up.
     """
@@ -81,6 +86,11 @@ def audit_sample(
         raise FileNotFoundError(f"no annotations stored for sample {sample_id!r} (looked for {annotations_key})")
     prov = read_provenance(store.get_file(annotations_key))
     report = AuditReport(sample_id=sample_id, provenance=prov)
+    if "{panel}" in model_card_key:
+        panel_id = (prov.get("panel") or {}).get("id")
+        if not panel_id:
+            raise ValueError(f"annotations of sample {sample_id!r} ({annotations_key}) record no panel: re-materialize them")
+        model_card_key = model_card_key.format(panel=panel_id)
     card = json.loads(store.read_bytes(model_card_key)) if store.exists(model_card_key) else {}
     report.links.append(AuditLink("model", (prov.get("model") or {}).get("sha256"), card.get("sha256")))
     current_ts = (card.get("training_set") or {}).get("content_sha256")

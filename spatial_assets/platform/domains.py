@@ -106,3 +106,17 @@ def annotate_domains_with_signatures(adata: ad.AnnData, signatures: str) -> tupl
     source = signatures if (signatures.endswith((".yaml", ".yml")) or "/" in signatures) else bundled_signatures_path(signatures)
     return annotate_domains(adata, source, domain_key="domain")
 
+
+
+def spatially_variable_genes_table(adata: ad.AnnData, *, n_top: int = 2000, sample_key: str | None = None) -> pd.DataFrame:
+    """Per-sample spatially variable genes as a parquet-friendly long table (one row per gene).
+
+    Columns ``gene, moranI, pval_norm, qval, moranI_rank, spatially_variable`` (plain str/float/int/bool):
+    Moran's I of every gene over the sample's spatial graph (``domains.svg.spatially_variable_genes``),
+    the ``n_top`` highest flagged.
+    """
+    from spatial_assets.domains.svg import spatially_variable_genes
+
+    table = spatially_variable_genes(adata, sample_key=sample_key, n_top=n_top, inplace=False)
+    out = table.rename_axis("gene").reset_index()
+    return out.astype({"gene": str, "moranI": float, "pval_norm": float, "qval": float, "moranI_rank": "int64", "spatially_variable": bool})

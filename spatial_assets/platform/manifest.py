@@ -22,8 +22,16 @@ import yaml
 from spatial_assets.core.ids import validate_id
 
 
+#: where the manifest lives in the storage root (the default of ``PlatformSettings.manifest_key``)
+MANIFEST_KEY = "manifests/references.yaml"
+
+
 class ManifestError(ValueError):
     """The references manifest is malformed."""
+
+
+class DuplicateReferenceError(ManifestError):
+    """``reference add`` for an id the manifest already lists (without ``replace``)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,22 @@ def parse_manifest(text: str | bytes, source: str = "references manifest") -> li
 
 def dump_manifest(entries: list[ReferenceEntry]) -> str:
     return yaml.safe_dump({"references": [e.to_dict() for e in entries]}, sort_keys=False)
+
+
+def with_entry(entries: list[ReferenceEntry], entry: ReferenceEntry, *, replace: bool = False) -> list[ReferenceEntry]:
+    """``entries`` with ``entry`` appended, or put in place of the entry with its id if ``replace``.
+
+    The result is re-parsed from its YAML, so a manifest this returns is one the sensors accept.
+    """
+    validate_id(entry.id, "reference id")
+    ids = [e.id for e in entries]
+    if entry.id in ids and not replace:
+        raise DuplicateReferenceError(
+            f"reference id {entry.id!r} is already in the manifest (uri {entries[ids.index(entry.id)].uri}); "
+            "pass --replace to update it"
+        )
+    out = [entry if e.id == entry.id else e for e in entries] if entry.id in ids else [*entries, entry]
+    return parse_manifest(dump_manifest(out), source="updated manifest")
 
 
 def merged_target_proportions(entries: list[ReferenceEntry]) -> dict[str, float]:

@@ -12,17 +12,43 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from spatial_assets.core.ids import InvalidIdError, validate_id
-from spatial_assets.platform.manifest import ManifestError, ReferenceEntry, parse_manifest
+from spatial_assets.platform.manifest import (
+    MANIFEST_KEY,
+    ManifestError,
+    ReferenceEntry,
+    dump_manifest,
+    parse_manifest,
+    with_entry,
+)
+from spatial_assets.storage.locations import check_allowed_uri
 from spatial_assets.storage.objectstore import S3Settings, fetch_to_cache, head, sha256_file
 
 log = logging.getLogger(__name__)
 
 H5AD = ".h5ad"
+#: where samples land in the storage root (the default of ``PlatformSettings.landing_prefix``)
+LANDING_PREFIX = "landing/samples/"
+
+
+class SampleUnreadableError(ValueError):
+    """``sample land`` for a path that cannot be read as an h5ad."""
+
+
+class DuplicateSampleError(ValueError):
+    """``sample land`` for an id that has already landed (without ``replace``)."""
+
+
+class ReferenceUnreadableError(ValueError):
+    """``reference add`` for a URI that cannot be read as an h5ad (missing, forbidden, not h5ad)."""
+
+
+class ConcurrentEditError(ValueError):
+    """The manifest changed between reading it and writing the new version (nothing was written)."""
 
 
 def read_manifest(store: Any, manifest_key: str) -> list[ReferenceEntry]:
@@ -41,15 +67,27 @@ def find_entry(store: Any, manifest_key: str, reference_id: str) -> ReferenceEnt
     )
 
 
-def entry_fingerprint(entry: ReferenceEntry, s3_settings: S3Settings | None = None) -> str:
-    """Changes when the file (ETag / size+mtime) or any field of the entry changes."""
+def entry_fingerprint(entry: ReferenceEntry, s3_settings: S3Settings | None = None, allowed: Sequence[str] | None = None) -> str:
+    """Changes when the file (ETag / size+mtime) or any field of the entry changes.
+
+    ``allowed``: the locations the entry may point at (refused with a clear error otherwise).
+    """
+    if allowed is not None:
+        check_allowed_uri(entry.uri, allowed)
     info = head(entry.uri, settings=s3_settings)
     payload = json.dumps({"entry": entry.to_dict(), "etag": info["etag"], "size": info["size"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def describe_reference(entry: ReferenceEntry, s3_settings: S3Settings | None = None, *, n_sample_rows: int = 5000) -> dict[str, Any]:
-    """Validate a reference file and return its record (hashes, shape, labels, normalization)."""
+def describe_reference(
+    entry: ReferenceEntry, s3_settings: S3Settings | None = None, *, allowed: Sequence[str] | None = None, n_sample_rows: int = 5000
+) -> dict[str, Any]:
+    """Validate a reference file and return its record (hashes, shape, labels, normalization).
+
+    ``allowed``: the locations the entry may point at; anything else is refused before it is read.
+    """
+    if allowed is not None:
+        check_allowed_uri(entry.uri, allowed)
     import anndata as ad
 
     from spatial_assets.core.normalization import detect_normalization
@@ -138,3 +176,105 @@ def scan_landing(store: Any, prefix: str, *, sample_id: str | None = None) -> tu
         samples.append(LandedSample(sid, tuple(o.key for o in objs), fp))
     return samples, problems
 
+
+
+def prefix_uri(store: Any, prefix: str) -> str:
+    """The URI of a key prefix (``s3://bucket/landing/samples/``), for messages."""
+    stripped = prefix.strip("/")
+    return (store.uri(stripped) + "/") if stripped else store.uri("")
+
+
+def landing_key(prefix: str, sample_id: str) -> str:
+    """``<prefix><id>.h5ad``: the key ``sample land`` writes (the id validated first)."""
+    validate_id(sample_id, "sample id")
+    return f"{prefix.rstrip('/')}/{sample_id}{H5AD}"
+
+
+def register_reference(
+    store: Any,
+    entry: ReferenceEntry,
+    *,
+    manifest_key: str = MANIFEST_KEY,
+    replace: bool = False,
+    s3_settings: S3Settings | None = None,
+) -> dict[str, Any]:
+    """Add ``entry`` to the manifest in ``store`` after checking its file is a usable reference.
+
+    Order matters for "nothing wrong written": the id and the duplicate rule are checked first
+    (cheap), then the file is read with its label column and normalization checked (the same
+    validation ``reference_atlas`` runs), and only then is the new manifest written, in one PUT /
+    rename. If the manifest changed meanwhile (another writer), nothing is written.
+    """
+    before = store.info(manifest_key).etag if store.exists(manifest_key) else None
+    entries = read_manifest(store, manifest_key)
+    updated = with_entry(entries, entry, replace=replace)  # id + duplicate check before any download
+    try:
+        record = describe_reference(entry, s3_settings=s3_settings)
+    except ValueError:
+        raise  # already names the file and the problem (label column, normalization, ids)
+    except Exception as exc:  # missing object / no access / not an h5ad: h5py, botocore, OS errors
+        raise ReferenceUnreadableError(f"{entry.uri}: cannot read it as an .h5ad reference ({type(exc).__name__}: {exc})") from exc
+    now = store.info(manifest_key).etag if store.exists(manifest_key) else None
+    if now != before:
+        raise ConcurrentEditError(f"{store.uri(manifest_key)} changed while {entry.id!r} was being validated; run again")
+    store.write_bytes(manifest_key, dump_manifest(updated).encode())
+    return {
+        "id": entry.id,
+        "uri": entry.uri,
+        "manifest": store.uri(manifest_key),
+        "replaced": entry.id in {e.id for e in entries},
+        "sha256": record["sha256"],
+        "n_cells": record["n_obs"],
+        "n_genes": record["n_vars"],
+        "n_labels": len(record["label_counts"]),
+        "normalization": record["normalization"]["x_state"],
+    }
+
+
+def land_sample(
+    store: Any,
+    sample_id: str,
+    path: str,
+    *,
+    landing_prefix: str = LANDING_PREFIX,
+    replace: bool = False,
+    s3_settings: S3Settings | None = None,
+) -> dict[str, Any]:
+    """Validate a cell-level h5ad as ``spatial_cells`` will, then upload it under the landing prefix.
+
+    The file is read and checked (cell ids unique, finite coordinates, unique gene names, a
+    non-empty panel) before anything is written; the upload itself is atomic (the object appears
+    only once complete). An id that has already landed is refused unless ``replace``.
+    """
+    import anndata as ad
+
+    from spatial_assets.core.spatial import prepare_spatial_cells
+    from spatial_assets.platform.panels import sample_panel
+
+    key = landing_key(landing_prefix, sample_id)
+    existing = scan_landing(store, landing_prefix, sample_id=sample_id)[0]
+    if existing and not replace:
+        raise DuplicateSampleError(
+            f"sample id {sample_id!r} has already landed ({', '.join(store.uri(k) for k in existing[0].keys)}); "
+            "pass --replace to overwrite it"
+        )
+    try:
+        local = fetch_to_cache(path, settings=s3_settings)
+        adata = ad.read_h5ad(local)
+    except Exception as exc:  # missing file / S3 error / not an h5ad: h5py, botocore and OS errors alike
+        raise SampleUnreadableError(f"{path}: cannot read it as an .h5ad sample ({type(exc).__name__}: {exc})") from exc
+    prepared = prepare_spatial_cells(adata, sample_id=sample_id, source=str(path))
+    panel = sample_panel(prepared, sample_id=sample_id)
+    store.put_file(local, key)
+    stale = [k for s in existing for k in s.keys if k != key]
+    for old in stale:  # a folder-form sample replaced by one file: the landing area keeps one h5ad per id
+        store.delete(old)
+    return {
+        "sample_id": sample_id,
+        "uri": store.uri(key),
+        "replaced": bool(existing),
+        "n_cells": int(prepared.n_obs),
+        "n_genes": int(prepared.n_vars),
+        "panel_id": panel.id,
+        "panel_name": panel.name,
+    }

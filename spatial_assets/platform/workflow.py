@@ -1,14 +1,15 @@
 """The platform's cell-typing stages over stored objects (no Dagster).
 
 Each Dagster asset calls one function here; the functions add what the platform needs on top of
-the science modules: hash verification of the bytes that were registered, the panel of the
-registered samples, and the provenance chain written into every annotations object.
+the science modules: hash verification of the bytes that were registered, the gene panel each
+model is trained for (:mod:`spatial_assets.platform.panels`), and the provenance chain written
+into every annotations object.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import anndata as ad
 import numpy as np
@@ -17,53 +18,23 @@ import pandas as pd
 from spatial_assets.core import schema
 from spatial_assets.core.lineage import content_hash, library_versions
 from spatial_assets.platform.manifest import ReferenceEntry, merged_target_proportions
+from spatial_assets.platform.panels import Panel, missing_genes
 from spatial_assets.storage.objectstore import S3Settings, fetch_to_cache, sha256_file
-from spatial_assets.platform.registry import scan_landing
-from spatial_assets.core.spatial import panel_genes
 
 
 class Settings(Protocol):
-    panel_genes: list[str]
-    landing_prefix: str
     min_cells_per_type: int
     max_cells_per_type: int
     balance_strategy: str
     min_cells_per_source: int
-    confidence_threshold: float
+    confidence_threshold: float | None
+    reg_per_cell: str
+    alignment: str
     seed: int
 
 
 class StaleReferenceError(ValueError):
     """The file at a reference URI is no longer the one that was registered."""
-
-
-def read_panel(path: Any) -> list[str]:
-    backed = ad.read_h5ad(path, backed="r")
-    try:
-        return panel_genes(backed)
-    finally:
-        backed.file.close()
-
-
-def resolve_panel(store: Any, settings: Settings, sample_ids: Iterable[str]) -> tuple[list[str], str]:
-    """Configured panel, else the genes shared by every registered sample's landed file."""
-    if settings.panel_genes:
-        return list(dict.fromkeys(settings.panel_genes)), "configured"
-    wanted = set(sample_ids)
-    landed = [s for s in scan_landing(store, settings.landing_prefix)[0] if s.sample_id in wanted]
-    if not landed:
-        raise ValueError(
-            "no panel: no registered sample has landed data and settings.panel_genes is empty; "
-            f"land a sample under {store.uri(settings.landing_prefix)} or configure panel_genes"
-        )
-    panel: list[str] | None = None
-    for sample in landed:
-        genes = read_panel(store.get_file(sample.h5ad_key))
-        panel = genes if panel is None else [g for g in panel if g in set(genes)]
-    assert panel is not None
-    if not panel:
-        raise ValueError(f"the registered samples {[s.sample_id for s in landed]} share no genes")
-    return panel, "samples:" + ",".join(s.sample_id for s in landed)
 
 
 @dataclass
@@ -85,13 +56,12 @@ def _h5ad_safe(value: Any) -> Any:
 
 def build_training_set(
     records: list[dict],
-    panel: list[str],
+    panel: Panel,
     settings: Settings,
     *,
     s3_settings: S3Settings | None = None,
-    panel_source: str = "configured",
 ) -> TrainingSetResult:
-    """Combine the registered references (bytes verified) → ontology → Cap & Fill."""
+    """Combine the registered references (bytes verified) on ``panel``'s genes → ontology → Cap & Fill."""
     from spatial_assets.celltyping.pipeline import build_training_set as combine_map_balance
     from spatial_assets.celltyping.references import DEFAULT_PLACEHOLDER_LABELS, ReferenceSpec
 
@@ -117,7 +87,7 @@ def build_training_set(
     placeholders = list(DEFAULT_PLACEHOLDER_LABELS) + [l for r in records for l in r.get("placeholder_labels", [])]
     balanced, mapping = combine_map_balance(
         specs,
-        panel,
+        list(panel.genes),
         max_cells_per_type=settings.max_cells_per_type,
         target_proportions=proportions,
         strategy=settings.balance_strategy,
@@ -127,8 +97,9 @@ def build_training_set(
         seed=settings.seed,
     )
     params = {
-        "panel_source": panel_source,
-        "n_panel_genes": len(panel),
+        "panel_id": panel.id,
+        "panel_source": panel.source,
+        "n_panel_genes": panel.n_genes,
         "min_cells_per_type": settings.min_cells_per_type,
         "max_cells_per_type": settings.max_cells_per_type,
         "balance_strategy": settings.balance_strategy,
@@ -140,6 +111,7 @@ def build_training_set(
     for key in list(balanced.uns):
         balanced.uns[key] = _h5ad_safe(balanced.uns[key])
     balanced.uns["lineage_references"] = lineage
+    balanced.uns["panel"] = {"id": panel.id, "name": panel.name, "n_genes": panel.n_genes, "source": panel.source}
     balanced.uns["training_parameters"] = _h5ad_safe(params)
     balanced.uns["content_sha256"] = content_hash(
         balanced, obs_columns=(schema.CELL_TYPE, schema.ORIGINAL_LABEL, schema.REFERENCE_SOURCE)
@@ -154,30 +126,56 @@ def build_training_set(
 def train_celltype_model(training_set: ad.AnnData, settings: Settings) -> Any:
     from spatial_assets.celltyping.training import train_model
 
-    model = train_model(training_set, label_column=schema.CELL_TYPE, seed=settings.seed)
+    model = train_model(training_set, label_column=schema.CELL_TYPE, seed=settings.seed, reg_per_cell=settings.reg_per_cell)
     model.card["training_set"] = {
         "content_sha256": training_set.uns["content_sha256"],
         "n_cells": int(training_set.n_obs),
         "n_genes": int(training_set.n_vars),
     }
     model.card["references"] = dict(training_set.uns.get("lineage_references", {}))
+    if "panel" in training_set.uns:
+        model.card["panel"] = dict(training_set.uns["panel"])
     model.card.setdefault("library_versions", library_versions())
     return model
 
 
-def annotate_sample(spatial: ad.AnnData, model: Any, settings: Settings, *, run_id: str, sample_id: str) -> ad.AnnData:
+class PanelMismatchError(ValueError):
+    """A model trained for another panel than the sample's (names both panels)."""
+
+
+def annotate_sample(
+    spatial: ad.AnnData, model: Any, settings: Settings, *, run_id: str, sample_id: str, panel: Panel | None = None
+) -> ad.AnnData:
+    """Annotate with the model of the sample's own panel; the panel is recorded in the provenance."""
     from spatial_assets.celltyping.annotation import annotate
 
-    annotated = annotate(spatial, model, confidence_threshold=settings.confidence_threshold)
     card = model.card
+    if panel is not None:
+        model_panel = (card.get("panel") or {}).get("id")
+        if model_panel is not None and model_panel != panel.id:
+            raise PanelMismatchError(
+                f"sample {sample_id!r} is on panel {panel.id} but the model was trained for panel {model_panel}"
+            )
+        absent = missing_genes(model.genes, spatial.var_names)
+        if absent:
+            raise PanelMismatchError(
+                f"sample {sample_id!r} lacks {len(absent)} gene(s) of its panel's model ({panel.id}): {absent[:10]}"
+            )
+    annotated = annotate(spatial, model, confidence_threshold=settings.confidence_threshold, alignment=settings.alignment)
+    info = annotated.uns[schema.CELLTYPING_UNS]
     annotated.uns[schema.PROVENANCE_UNS] = _h5ad_safe(
         {
             "references": card.get("references", {}),
             "training_set": card.get("training_set", {}),
             "model": {"sha256": getattr(model, "sha256", None) or card.get("sha256", ""), "n_classes": len(model.classes)},
+            "panel": {"id": panel.id, "name": panel.name, "n_genes": panel.n_genes, "source": panel.source} if panel else None,
             "sample": {"id": sample_id, "spatial_cells_sha256": spatial.uns.get("content_sha256", "")},
             "run_id": run_id,
-            "confidence_threshold": float(settings.confidence_threshold),
+            "confidence_threshold": float(info["confidence_threshold"]),
+            "threshold_source": info["threshold_source"],
+            "alignment": info["alignment"],
+            "regime": info["regime"],
+            "shift_index": float(info["shift_index"]),
             "library_versions": library_versions(),
         }
     )

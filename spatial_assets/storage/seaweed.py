@@ -6,9 +6,16 @@ chosen free and passed explicitly, everything binds to 127.0.0.1, telemetry is o
 sockets live inside the data dir. Without ``-s3.config`` the gateway accepts anonymous requests, so
 a credentials file with random keys is generated once per state dir (0600) and reused.
 
+Loopback is no access control (every local user reaches it), and only the S3 port checks
+credentials by itself: every other port (master, volume, filer, admin HTTP and all gRPC) requires a
+client certificate from a per-state-dir CA and JWT-signed blob/entry access, configured through
+``weed -config_dir=<state_dir>/security`` (:mod:`spatial_assets.storage.seaweed_security`). weed
+runs with umask 077, so its unix sockets and files are its owner's only.
+
 State dir layout::
 
     <state_dir>/s3_identities.json   credentials (the file ``-s3.config`` reads), 0600
+    <state_dir>/security/            security.toml (JWT keys) + CA / node certificate and key, 0700/0600
     <state_dir>/server.json          pid + ports of a detached server started by ensure_running
     <state_dir>/weed.log             server log
     <state_dir>/data/                SeaweedFS data (volumes, filer db, sockets)
@@ -35,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from spatial_assets.storage.objectstore import S3Settings
+from spatial_assets.storage.seaweed_security import SECURITY_DIR, SecurityFiles, ensure_security
 
 __all__ = [
     "SeaweedError",
@@ -42,6 +50,7 @@ __all__ = [
     "ensure_bucket",
     "ensure_running",
     "find_weed",
+    "fixed_socket_paths",
     "free_ports",
     "load_credentials",
     "recorded_pid",
@@ -197,14 +206,19 @@ def _signed_ping(settings: S3Settings, timeout: float = 2.0) -> bool:
         return False
 
 
-def _remove_fixed_sockets(ports: dict[str, int]) -> None:
-    """weed 4.48 hard-codes a few sockets in /tmp (no flag moves them); remove ours once it has exited."""
+def fixed_socket_paths(ports: dict[str, int]) -> list[Path]:
+    """The gRPC unix sockets weed 4.48 hard-codes in /tmp (no flag moves them; mTLS guards them too)."""
+    grpc_ports = {name: ports[f"{name}_grpc"] for name in ("master", "volume", "filer", "s3") if f"{name}_grpc" in ports}
     if "admin" in ports:
+        grpc_ports["admin"] = ports["admin"] + _ADMIN_GRPC_OFFSET
+    return [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in grpc_ports.items()]
+
+
+def _remove_fixed_sockets(ports: dict[str, int]) -> None:
+    """Remove our /tmp sockets once weed has exited (it leaves some behind, even on SIGTERM)."""
+    for path in fixed_socket_paths(ports):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"/tmp/seaweedfs-admin-grpc-{ports['admin'] + _ADMIN_GRPC_OFFSET}.sock")
-    if "filer_grpc" in ports:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"/tmp/seaweedfs-filer-grpc-{ports['filer_grpc']}.sock")
+            path.unlink()
 
 
 def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -309,6 +323,11 @@ class SeaweedS3:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    @property
+    def security(self) -> SecurityFiles:
+        """The TLS identity and JWT keys every non-S3 port requires (generated on first use)."""
+        return ensure_security(self.state_dir)
+
     def command(self) -> list[str]:
         """The full ``weed mini`` command line for the chosen ports (for logs and the state file)."""
         p = self.ports
@@ -316,7 +335,8 @@ class SeaweedS3:
         sock_dir = self._socket_dir()
         _, _, cred_path = load_credentials(self.state_dir)
         return [
-            str(weed), "mini",
+            # a global flag, before the subcommand: security.toml is read from here first
+            str(weed), f"-config_dir={self.security.config_dir}", "mini",
             f"-dir={self.data_dir}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
@@ -359,7 +379,8 @@ class SeaweedS3:
             # two servers on one data dir would corrupt it; ensure_running() is how to share one
             raise SeaweedError(f"a weed server (pid {other}) already serves {self.data_dir}; stop it or use ensure_running()")
         self.ports = _pick_ports(self._requested)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # sockets (filer.sock, s3.sock) and volumes: owner only
         # weed mini reloads its previous flags from mini.options; our explicit flags must be the only truth.
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "mini.options").unlink()
@@ -376,6 +397,7 @@ class SeaweedS3:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=self.detach,
+                umask=0o077,  # every socket and file weed creates (also its /tmp sockets) is owner-only
                 preexec_fn=None if self.detach or not sys.platform.startswith("linux") else _set_pdeathsig,
             )
         finally:
@@ -447,6 +469,17 @@ def _is_our_weed(pid: int, data_dir: Path) -> bool:
     return bool(cmdline) and Path(cmdline[0]).name == "weed" and f"-dir={data_dir}" in cmdline
 
 
+def _is_secured(pid: int, state_dir: Path) -> bool:
+    """The weed process was started with this state dir's security config (not an older, open server)."""
+    import psutil
+
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return f"-config_dir={state_dir / SECURITY_DIR}" in cmdline
+
+
 def _settings_from_state(state_dir: Path, state: dict[str, Any]) -> S3Settings:
     access, secret, _ = load_credentials(state_dir, create=False)
     return S3Settings(
@@ -473,6 +506,8 @@ def running_settings(state_dir: Path) -> S3Settings | None:
     state = _read_state(state_dir)
     if not state or not _is_our_weed(int(state.get("pid", -1)), state_dir / "data"):
         return None
+    if not _is_secured(int(state["pid"]), state_dir):
+        return None  # started before its ports were secured: ensure_running replaces it
     settings = _settings_from_state(state_dir, state)
     return settings if _signed_ping(settings) else None
 
@@ -486,7 +521,7 @@ def ensure_running(state_dir: Path, timeout: float = 60) -> S3Settings:
             return settings
         state = _read_state(state_dir)
         if state and _is_our_weed(int(state.get("pid", -1)), state_dir / "data"):
-            # alive but not answering (e.g. still shutting down): replace it
+            # alive but not answering (e.g. still shutting down) or started without security: replace it
             _terminate_pid(int(state["pid"]), timeout=20)
         server = SeaweedS3(state_dir, detach=True)
         settings = server.start(timeout=timeout)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -23,24 +22,10 @@ from spatial_assets.celltyping.ontology import (
     map_labels,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-POA_REF = DATA / "mouse_POA_scRNA_ref_Moffitt2018.h5ad"
-PBMC = DATA / "human_PBMC3k_400genes_seurat_labels.h5ad"
-MERFISH = DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad"
-STARMAP = DATA / "mouse_mPFC_STARmap_Wang2018.h5ad"
-
-
 @pytest.fixture(scope="module")
 def parser() -> OntologyParser:
     # the package's own API, used as an independent check of the ids we return
     return OntologyParser()
-
-
-def _obs(path: Path) -> pd.DataFrame:
-    a = ad.read_h5ad(path, backed="r")
-    obs = a.obs.copy()
-    a.file.close()
-    return obs
 
 
 # expected term *labels* are written from the ontology's wording; the ids are then checked to
@@ -76,12 +61,12 @@ def test_expected_ids_are_what_the_ontology_says(parser: OntologyParser) -> None
         assert not parser.is_term_deprecated(tid)
 
 
-@pytest.mark.parametrize("path,column,expected", [
-    (POA_REF, "cell_type", POA_EXPECTED),
-    (PBMC, "seurat_annotations", PBMC_EXPECTED),
+@pytest.mark.parametrize("loader,column,expected", [
+    ("load_poa_reference", "cell_type", POA_EXPECTED),
+    ("load_pbmc", "seurat_annotations", PBMC_EXPECTED),
 ])
-def test_real_reference_labels_map_to_expected_cl_ids(path: Path, column: str, expected: dict) -> None:
-    labels = _obs(path)[column].dropna().astype(str).unique()  # PBMC3k has unlabelled cells
+def test_real_reference_labels_map_to_expected_cl_ids(loader: str, column: str, expected: dict, request: pytest.FixtureRequest) -> None:
+    labels = request.getfixturevalue(loader)().obs[column].dropna().astype(str).unique()  # PBMC3k has unlabelled cells
     table = map_labels(labels).set_index("label")
     assert set(expected) <= set(table.index)
     for label, (tid, tlabel) in expected.items():
@@ -89,7 +74,7 @@ def test_real_reference_labels_map_to_expected_cl_ids(path: Path, column: str, e
         assert table.loc[label, "ontology_label"] == tlabel, label
         assert table.loc[label, "tier"] in {"exact", "synonym", "pattern"}
         assert table.loc[label, "score"] >= 0.9
-    if path == PBMC:  # every Seurat tutorial label is an obvious type
+    if loader == "load_pbmc":  # every Seurat tutorial label is an obvious type
         assert (table["tier"] != "unmapped").all()
 
 
@@ -108,8 +93,8 @@ def test_qualified_label_is_not_collapsed_onto_a_broader_term() -> None:
     assert map_label("Endothelial 1").tier == "unmapped"  # numbered sub-clusters stay apart
 
 
-def test_real_poa_reference_keeps_its_14_classes_apart() -> None:
-    a = ad.read_h5ad(POA_REF)
+def test_real_poa_reference_keeps_its_14_classes_apart(load_poa_reference) -> None:
+    a = load_poa_reference()
     a.obs[schema.ORIGINAL_LABEL] = a.obs["cell_type"].astype(str)
     a.obs[schema.REFERENCE_SOURCE] = "moffitt2018"
     out, table = apply_ontology(a)
@@ -153,15 +138,15 @@ def test_patterns_are_anchored() -> None:
         assert map_label(label).tier not in {"pattern", "exact", "synonym"}
 
 
-def test_only_cl_ids_in_all_bundled_labels(parser: OntologyParser) -> None:
+def test_only_cl_ids_in_all_bundled_labels(parser: OntologyParser, load_poa_reference, load_pbmc, load_merfish, load_starmap) -> None:
     labels: list[str] = []
-    for path, cols in [
-        (POA_REF, ["cell_type"]),
-        (PBMC, ["seurat_annotations"]),
-        (MERFISH, ["Cell_class", "Cell_class_major"]),
-        (STARMAP, ["cell_type"]),
+    for load, cols in [
+        (load_poa_reference, ["cell_type"]),
+        (load_pbmc, ["seurat_annotations"]),
+        (load_merfish, ["Cell_class", "Cell_class_major"]),
+        (load_starmap, ["cell_type"]),
     ]:
-        obs = _obs(path)
+        obs = load().obs
         for c in cols:
             labels += list(obs[c].dropna().astype(str).unique())
     labels += ["lung", "blood", "kidney epithelium", "female", "Homo sapiens", "liver", "brain"]

@@ -21,20 +21,12 @@ from spatial_assets.celltyping.pipeline import (
 from spatial_assets.celltyping.references import DEFAULT_PLACEHOLDER_LABELS, ReferenceSpec
 from spatial_assets.celltyping.training import model_bytes
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-REF = DATA / "mouse_POA_scRNA_ref_Moffitt2018.h5ad"
-MERFISH = DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad"
 PLACEHOLDERS = tuple(DEFAULT_PLACEHOLDER_LABELS) + POA_PLACEHOLDERS
 
 
 @pytest.fixture(scope="module")
-def merfish() -> ad.AnnData:
-    return ad.read_h5ad(MERFISH)
-
-
-@pytest.fixture(scope="module")
-def poa_result(merfish):
-    return run_celltyping([ReferenceSpec(str(REF), "cell_type")], merfish, placeholder_labels=PLACEHOLDERS, seed=0)
+def poa_result(poa_reference_path, load_merfish):
+    return run_celltyping([ReferenceSpec(str(poa_reference_path), "cell_type")], load_merfish(), placeholder_labels=PLACEHOLDERS, seed=0)
 
 
 def test_poa_acceptance_thresholds(poa_result):
@@ -57,8 +49,8 @@ def test_poa_acceptance_thresholds(poa_result):
     assert "Ambiguous" not in origins and "Unstable" not in origins and len(origins) == 12
 
 
-def test_same_inputs_same_model_bytes_and_calls(poa_result, merfish):
-    again = run_celltyping([ReferenceSpec(str(REF), "cell_type")], merfish, placeholder_labels=PLACEHOLDERS, seed=0)
+def test_same_inputs_same_model_bytes_and_calls(poa_result, poa_reference_path, load_merfish):
+    again = run_celltyping([ReferenceSpec(str(poa_reference_path), "cell_type")], load_merfish(), placeholder_labels=PLACEHOLDERS, seed=0)
     assert model_bytes(again.model) == model_bytes(poa_result.model)
     np.testing.assert_array_equal(
         again.annotated.obs[schema.CELL_TYPE].to_numpy(), poa_result.annotated.obs[schema.CELL_TYPE].to_numpy()
@@ -164,11 +156,11 @@ def test_bad_spatial_inputs(tmp_path):
         validate_spatial(text, "sample.h5ad")
 
 
-def test_platform_split_thins_the_query_and_is_seeded():
+def test_platform_split_thins_the_query_and_is_seeded(load_pbmc):
     """PBMC3k second case: labelled cells only, query depth ≈ depth * E[lognormal] of the original."""
     from spatial_assets.celltyping.synthetic import platform_split
 
-    pbmc = ad.read_h5ad(DATA / "human_PBMC3k_400genes_seurat_labels.h5ad")
+    pbmc = load_pbmc()
     ref, q = platform_split(pbmc, "seurat_annotations", seed=0)
     ref2, q2 = platform_split(pbmc, "seurat_annotations", seed=0)
     assert ref.n_obs + q.n_obs == int(pbmc.obs["seurat_annotations"].notna().sum()) == 2638

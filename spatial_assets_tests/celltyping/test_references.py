@@ -24,10 +24,6 @@ from spatial_assets.celltyping.references import (
 )
 from spatial_assets.core.schema import CELL_TYPE_ONTOLOGY_ID, ORIGINAL_LABEL, REFERENCE_SOURCE
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-POA_REF = DATA / "mouse_POA_scRNA_ref_Moffitt2018.h5ad"
-MERFISH = DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad"
-PBMC = DATA / "human_PBMC3k_400genes_seurat_labels.h5ad"
 
 
 def make_ref(
@@ -65,11 +61,11 @@ def expm1_row_sums(X) -> np.ndarray:
 # ------------------------------------------------------------------------- read_reference_subset
 
 
-def test_poa_reference_to_merfish_panel_matches_full_load() -> None:
-    panel = list(ad.read_h5ad(MERFISH, backed="r").var_names)
-    full = ad.read_h5ad(POA_REF)
+def test_poa_reference_to_merfish_panel_matches_full_load(poa_reference_path, load_poa_reference, load_merfish) -> None:
+    panel = list(load_merfish().var_names)
+    full = load_poa_reference()
     expected_genes = [g for g in panel if g in set(full.var_names)]
-    sub = read_reference_subset(str(POA_REF), panel, label_column="cell_type", chunk_size=97)
+    sub = read_reference_subset(str(poa_reference_path), panel, label_column="cell_type", chunk_size=97)
     assert list(sub.var_names) == expected_genes
     assert len(expected_genes) == 134  # the reference was cut to the 134 panel genes it shares
     assert sp.isspmatrix_csr(sub.X)
@@ -80,11 +76,11 @@ def test_poa_reference_to_merfish_panel_matches_full_load() -> None:
 
 
 @pytest.mark.parametrize("chunk", [29, 1000, 20_000])
-def test_chunked_subset_equals_full_load_pbmc(chunk: int) -> None:
-    full = ad.read_h5ad(PBMC)
+def test_chunked_subset_equals_full_load_pbmc(chunk: int, pbmc_path, load_pbmc) -> None:
+    full = load_pbmc()
     rng = np.random.default_rng(0)
     panel = list(rng.choice(full.var_names, 60, replace=False)) + ["NOT_A_GENE"]
-    sub = read_reference_subset(str(PBMC), panel, label_column="seurat_annotations", chunk_size=chunk)
+    sub = read_reference_subset(str(pbmc_path), panel, label_column="seurat_annotations", chunk_size=chunk)
     assert list(sub.var_names) == panel[:60]  # panel order, missing gene dropped
     assert (sub.X != full[:, panel[:60]].X).nnz == 0
     assert sub.obs["seurat_annotations"].equals(full.obs["seurat_annotations"])
@@ -198,6 +194,7 @@ def test_combine_same_name_placeholders_min_cells_and_ontology(tmp_path: Path) -
     out = combine_references(
         [ReferenceSpec(str(tmp_path / "a" / "ref.h5ad"), "label"), ReferenceSpec(str(tmp_path / "b" / "ref.h5ad"), "label")],
         panel,
+        min_cells_per_type=10,
     )
     shared = [f"G{j}" for j in range(49, 9, -1)]
     assert list(out.var_names) == shared
@@ -241,14 +238,14 @@ def test_clashing_cell_ids_get_source_prefix(tmp_path: Path) -> None:
     assert out.obs_names[0] == "one:cell0" and out.obs_names[30] == "second:cell0"
 
 
-def test_real_poa_reference_with_dataset_placeholders() -> None:
-    panel = list(ad.read_h5ad(MERFISH, backed="r").var_names)
+def test_real_poa_reference_with_dataset_placeholders(poa_reference_path, load_poa_reference, load_merfish) -> None:
+    panel = list(load_merfish().var_names)
     out = combine_references(
-        [ReferenceSpec(str(POA_REF), "cell_type", organism="mouse")],
+        [ReferenceSpec(str(poa_reference_path), "cell_type", organism="mouse")],
         panel,
         placeholder_labels=list(DEFAULT_PLACEHOLDER_LABELS) + ["Ambiguous", "Unstable"],
     )
-    full = ad.read_h5ad(POA_REF)
+    full = load_poa_reference()
     expected = full.obs["cell_type"].value_counts()
     expected = expected.drop(["Ambiguous", "Unstable"])
     expected = expected[expected >= 10]
@@ -265,6 +262,7 @@ def test_empty_after_filtering_names_file(tmp_path: Path) -> None:
         combine_references(
             [ReferenceSpec(str(tmp_path / "good.h5ad"), "label"), ReferenceSpec(str(tmp_path / "bad.h5ad"), "label")],
             ["G1", "G2"],
+            min_cells_per_type=10,
         )
     msg = str(err.value)
     assert "bad.h5ad" in msg and "'Unknown' ×10 (placeholder)" in msg and "'tiny' ×3" in msg
@@ -273,7 +271,18 @@ def test_empty_after_filtering_names_file(tmp_path: Path) -> None:
 def test_single_class_rejected(tmp_path: Path) -> None:
     make_ref(tmp_path / "r.h5ad", ["x"] * 30 + ["y"] * 5)
     with pytest.raises(ReferenceError, match="single cell type .*'x'.*at least 2 classes"):
-        combine_references([ReferenceSpec(str(tmp_path / "r.h5ad"), "label")], ["G1", "G2"])
+        combine_references([ReferenceSpec(str(tmp_path / "r.h5ad"), "label")], ["G1", "G2"], min_cells_per_type=10)
+
+
+def test_default_keeps_classes_down_to_three_cells(tmp_path: Path) -> None:
+    """A class the query may contain must be in the model to be called at all: 3 cells are kept."""
+    make_ref(tmp_path / "r.h5ad", ["x"] * 30 + ["y"] * 20 + ["three"] * 3 + ["two"] * 2)
+    out = combine_references([ReferenceSpec(str(tmp_path / "r.h5ad"), "label")], ["G1", "G2", "G3"])
+    kept = out.obs[ORIGINAL_LABEL].value_counts().to_dict()
+    assert kept == {"x": 30, "y": 20, "three": 3}
+    info = out.uns["references"]["r"]
+    assert dict(zip(info["removed_labels"], info["removed_counts"])) == {"two": 2}
+    assert info["removed_reasons"] == ["below_min_cells_per_type(3)"]
 
 
 def test_log1p_cpm_reference_without_counts_refused(tmp_path: Path) -> None:

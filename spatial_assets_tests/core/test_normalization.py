@@ -21,8 +21,6 @@ from spatial_assets.core.normalization import (
     is_count_matrix,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "data"
-
 
 def synthetic_counts(n_cells: int = 600, n_genes: int = 200, seed: int = 0) -> ad.AnnData:
     """Poisson counts with log-normal gene means and a 10× spread of library sizes."""
@@ -55,12 +53,9 @@ def expm1_row_sums(X) -> np.ndarray:
 # ------------------------------------------------------------------------- real data
 
 
-@pytest.mark.parametrize(
-    "fname",
-    ["mouse_POA_scRNA_ref_Moffitt2018.h5ad", "mouse_mPFC_STARmap_Wang2018.h5ad", "human_PBMC3k_400genes_seurat_labels.h5ad"],
-)
-def test_real_raw_count_datasets_are_raw(fname: str) -> None:
-    adata = ad.read_h5ad(DATA / fname)
+@pytest.mark.parametrize("loader", ["load_poa_reference", "load_starmap", "load_pbmc"])
+def test_real_raw_count_datasets_are_raw(loader: str, request: pytest.FixtureRequest) -> None:
+    adata = request.getfixturevalue(loader)()
     st = detect_normalization(adata)
     assert st.raw_source == "X"
     assert st.x_state == "raw"
@@ -72,8 +67,8 @@ def test_real_raw_count_datasets_are_raw(fname: str) -> None:
     assert st.n_sampled == min(10_000, adata.X.nnz)
 
 
-def test_real_merfish_per_volume_is_linear() -> None:
-    adata = ad.read_h5ad(DATA / "mouse_POA_MERFISH_Moffitt2018.h5ad")
+def test_real_merfish_per_volume_is_linear(load_merfish) -> None:
+    adata = load_merfish()
     st = detect_normalization(adata)
     assert st.x_state == "linear"
     assert st.raw_source is None
@@ -330,3 +325,123 @@ def test_keep_counts_false_drops_the_counts_copy() -> None:
     out = ensure_normalized(a, keep_counts=False)
     assert "counts" not in out.layers
     np.testing.assert_allclose(out.X.toarray(), ensure_normalized(a).X.toarray())
+
+
+# ------------------------------------------------------------------ the one entry point for consumers
+
+
+@pytest.mark.parametrize("state", ["raw_X", "counts_layer_log_X", "log1p_10k", "linear", "dense_raw"])
+def test_log_normalized_equals_ensure_normalized_in_every_usable_state(state: str) -> None:
+    """Domains, domain annotation, Novae and plots all call log_normalized: it must be exactly the
+    matrix ensure_normalized puts in X, whatever state the input is in, and leave the input alone."""
+    from spatial_assets.core.normalization import log_normalized
+
+    a = synthetic_counts(seed=5)
+    counts = a.X.copy()
+    if state == "counts_layer_log_X":
+        a.layers["counts"] = counts.copy()
+        a.X = log1p_scaled(counts, 1e4).astype(np.float32)
+    elif state == "log1p_10k":
+        a.X = log1p_scaled(counts, 1e4).astype(np.float32)
+    elif state == "linear":
+        a.X = sp.csr_matrix(counts.multiply(1.0 / np.random.default_rng(1).uniform(50, 200, (a.n_obs, 1))), dtype=np.float32)
+    elif state == "dense_raw":
+        a.X = counts.toarray()
+    before = a.X.copy()
+    x, record = log_normalized(a)
+    ref = ensure_normalized(a)
+    assert record == ref.uns["normalization"]
+    assert sp.issparse(x) == sp.issparse(ref.X) and x.dtype == np.float32
+    dense = lambda m: m.toarray() if sp.issparse(m) else m  # noqa: E731
+    np.testing.assert_allclose(dense(x), dense(ref.X), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(dense(a.X), dense(before))
+    if state in ("log1p_10k", "linear"):
+        return  # a 3-gene subset of already-scaled data has no recognisable scale of its own
+    # a gene subset of counts is normalised over that subset, in the order asked for
+    pick = ["G9", "G2", "G40"]
+    sub, _ = log_normalized(a, pick)
+    np.testing.assert_allclose(dense(sub), dense(ensure_normalized(a[:, pick].copy()).X), rtol=1e-6, atol=1e-6)
+
+
+def test_log_normalized_refuses_what_ensure_normalized_refuses() -> None:
+    from spatial_assets.core.normalization import log_normalized
+
+    a = synthetic_counts(seed=6)
+    a.X = log1p_scaled(a.X, 1e6).astype(np.float32)  # log1p CPM, no counts anywhere
+    with pytest.raises(NormalizationError, match="log1p CPM"):
+        log_normalized(a)
+    x, record = log_normalized(a, unsafe_force=True)
+    assert record["method"] == "forced_rescaled_log1p"
+    np.testing.assert_allclose(expm1_row_sums(x)[1:], 1e4, rtol=1e-3)
+
+
+def test_log_normalized_columns_use_the_library_of_all_genes() -> None:
+    """Plots densify a few genes only; their values must be those of the full normalisation."""
+    from spatial_assets.core.normalization import log_normalized, log_normalized_columns
+
+    a = synthetic_counts(seed=7)
+    idx = np.array([5, 0, 77])
+    cols = log_normalized_columns(a, idx, block_rows=128)  # several row blocks
+    full, _ = log_normalized(a)
+    assert cols.shape == (a.n_obs, 3) and cols.dtype == np.float64
+    np.testing.assert_allclose(cols, full[:, idx].toarray(), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the dataset's own scale
+
+
+@pytest.mark.parametrize("shipped", ["raw", "log1p_10k", "linear_median", "log1p_cpm"])
+def test_library_scale_recovers_molecule_libraries_from_normalised_data(shipped: str) -> None:
+    """Spot data is often shared library-size normalised: the libraries (and so the dataset's own
+    target sum) must come out the same as from the raw counts, whatever normalisation was applied."""
+    from spatial_assets.core.normalization import library_scale
+
+    a = synthetic_counts(seed=8)
+    true = np.asarray(a.X.sum(1)).ravel()
+    if shipped == "log1p_10k":
+        a.X = log1p_scaled(a.X, 1e4).astype(np.float32)
+    elif shipped == "log1p_cpm":
+        a.X = log1p_scaled(a.X, 1e6).astype(np.float32)
+    elif shipped == "linear_median":  # scanpy normalize_total's default target
+        x = sp.csr_matrix(a.X, dtype=np.float64)
+        x = sp.diags(np.divide(np.median(true[true > 0]), true, out=np.zeros_like(true), where=true > 0)) @ x
+        a.X = sp.csr_matrix(x, dtype=np.float32)
+    scale = library_scale(a)
+    assert scale.source == ("raw_counts" if shipped == "raw" else "recovered_counts")
+    np.testing.assert_allclose(scale.sizes, true, rtol=1e-3)
+    assert scale.median == pytest.approx(np.median(true[true > 0]), rel=1e-3)
+    assert scale.record()["median"] == pytest.approx(scale.median)
+
+
+def test_library_scale_without_count_structure_uses_the_linear_row_sums() -> None:
+    from spatial_assets.core.normalization import library_scale
+
+    a = synthetic_counts(seed=9)
+    rng = np.random.default_rng(0)
+    x = sp.csr_matrix(a.X, dtype=np.float64)
+    x.data = x.data * rng.uniform(0.5, 1.5, x.data.size)  # continuous values: no integer ratios
+    a.X = sp.csr_matrix(x, dtype=np.float32)
+    scale = library_scale(a)
+    assert scale.source == "row_sums"
+    np.testing.assert_allclose(scale.sizes, np.asarray(a.X.sum(1), dtype=np.float64).ravel(), rtol=1e-5)
+
+
+def test_rescale_scaled_log_is_exact_and_opt_in() -> None:
+    """log1p CPM of counts is refused by default (cell typing's contract), but rescaled exactly when the
+    caller opts in (the domain engines): expm1 has the integer-ratio structure of scaled counts."""
+    from spatial_assets.core.normalization import log_normalized
+
+    a = synthetic_counts(seed=10)
+    counts = a.X.copy()
+    a.X = log1p_scaled(counts, 1e6).astype(np.float32)
+    with pytest.raises(NormalizationError):
+        log_normalized(a, target_sum=300.0)
+    x, record = log_normalized(a, target_sum=300.0, rescale_scaled_log=True)
+    assert record["method"] == "rescaled_log1p"
+    np.testing.assert_allclose(x.toarray(), log1p_scaled(counts, 300.0).toarray(), rtol=1e-4, atol=1e-4)
+    noise = synthetic_counts(seed=11)
+    y = sp.csr_matrix(noise.X, dtype=np.float64)
+    y.data = np.log1p(y.data * np.random.default_rng(1).uniform(0.5, 1.5, y.data.size))  # log of non-counts
+    noise.X = sp.csr_matrix(y, dtype=np.float32)
+    with pytest.raises(NormalizationError):
+        log_normalized(noise, target_sum=300.0, rescale_scaled_log=True)

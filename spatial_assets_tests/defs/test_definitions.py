@@ -1,80 +1,168 @@
-"""Snapshot of the asset graph and checks: a change to the graph must be a deliberate change here."""
+"""Snapshot of the code location: a change to the graph must be a deliberate change here.
+
+Asset keys with their partitions, group and kinds; dependencies; checks; jobs; sensors and
+schedules; automation conditions and their labels; owners and code versions on every asset.
+"""
 
 import dagster as dg
+import pytest
 
 from spatial_assets.definitions import build_definitions
 from spatial_assets.defs.deployment import build_resources
 from spatial_assets.defs.settings import PlatformSettings
 
+OWNERS = ["team:spatial-platform"]
+# asset: (partitions, group, kinds)
 EXPECTED_ASSETS = {
-    "reference_atlas": "references",
-    "training_set": None,
-    "label_mapping": None,
-    "celltype_model": None,
-    "spatial_cells": "samples",
-    "cell_type_annotations": "samples",
-    "cell_type_summary": "samples",
-    "domain_model": None,
-    "spatial_domains": "samples",
-    "domain_composition": "samples",
-    "domain_markers": "samples",
+    "reference_atlas": ("references", "references", {"json", "s3"}),
+    "spatial_cells": ("samples", "samples", {"anndata", "s3"}),
+    "sample_panel": ("samples", "samples", {"json", "s3"}),
+    "gene_panel": ("panels", "celltyping", {"json", "s3"}),
+    "training_set": ("panels", "celltyping", {"anndata", "s3"}),
+    "label_mapping": ("panels", "celltyping", {"parquet", "s3"}),
+    "celltype_model": ("panels", "celltyping", {"celltypist", "s3"}),
+    "cell_type_annotations": ("samples", "celltyping", {"anndata", "celltypist", "s3"}),
+    "cell_type_summary": ("samples", "celltyping", {"parquet", "s3"}),
+    "domain_model": (None, "domains", {"numpy", "s3"}),
+    "spatial_domains": ("samples", "domains", {"anndata", "s3"}),
+    "domain_composition": ("samples", "domains", {"parquet", "s3"}),
+    "domain_markers": ("samples", "domains", {"parquet", "s3"}),
 }
+# asset: {parent: partition mapping}
 EXPECTED_DEPS = {
-    "training_set": {"reference_atlas"},
-    "celltype_model": {"training_set"},
-    "cell_type_annotations": {"spatial_cells", "celltype_model"},
-    "cell_type_summary": {"cell_type_annotations"},
-    "domain_model": {"spatial_cells"},
-    "spatial_domains": {"spatial_cells", "domain_model"},
-    "domain_composition": {"spatial_domains", "cell_type_annotations"},
-    "domain_markers": {"spatial_domains"},
+    "sample_panel": {"spatial_cells": "IdentityPartitionMapping"},
+    "gene_panel": {"sample_panel": "AllPartitionMapping"},
+    "training_set": {"reference_atlas": "AllPartitionMapping", "gene_panel": "IdentityPartitionMapping"},
+    "label_mapping": {"reference_atlas": "AllPartitionMapping", "gene_panel": "IdentityPartitionMapping"},
+    "celltype_model": {"training_set": "IdentityPartitionMapping"},
+    # the model of the sample's own panel: declared for every panel, chosen by the panel condition
+    "cell_type_annotations": {
+        "spatial_cells": "IdentityPartitionMapping",
+        "sample_panel": "IdentityPartitionMapping",
+        "celltype_model": "AllPartitionMapping",
+    },
+    "cell_type_summary": {"cell_type_annotations": "IdentityPartitionMapping"},
+    "domain_model": {"spatial_cells": "AllPartitionMapping"},
+    "spatial_domains": {"spatial_cells": "IdentityPartitionMapping", "domain_model": None},
+    "domain_composition": {"spatial_domains": "IdentityPartitionMapping", "cell_type_annotations": "IdentityPartitionMapping"},
+    "domain_markers": {"spatial_domains": "IdentityPartitionMapping"},
 }
+# (asset, check, blocking, partitions)
 EXPECTED_CHECKS = {
-    ("spatial_cells", "spatial_cells_normalization", True),
-    ("spatial_cells", "spatial_cells_gene_overlap", True),
-    ("training_set", "training_set_normalization", True),
-    ("training_set", "balanced_training_set", True),
-    ("cell_type_annotations", "confidence_invariants", False),
-    ("cell_type_annotations", "unassigned_fraction", False),
-    ("spatial_domains", "domain_invariants", False),
+    ("spatial_cells", "spatial_cells_normalization", True, "samples"),
+    ("spatial_cells", "spatial_cells_gene_overlap", True, "samples"),
+    ("training_set", "training_set_normalization", True, "panels"),
+    ("training_set", "balanced_training_set", True, "panels"),
+    ("cell_type_annotations", "confidence_invariants", False, "samples"),
+    ("cell_type_annotations", "unassigned_fraction", False, "samples"),
+    ("spatial_domains", "domain_invariants", False, "samples"),
+}
+# job: (assets, partitions)
+EXPECTED_JOBS = {
+    "references_job": ({"reference_atlas"}, "references"),
+    "samples_job": ({"spatial_cells", "sample_panel"}, "samples"),
+    "panel_models_job": ({"gene_panel", "training_set", "label_mapping", "celltype_model"}, "panels"),
+    "celltyping_job": ({"cell_type_annotations", "cell_type_summary"}, "samples"),
+    "domain_model_job": ({"domain_model"}, None),
+    "domains_job": ({"spatial_domains", "domain_composition", "domain_markers"}, "samples"),
+}
+# asset: label of its automation condition (None: driven by a sensor)
+EXPECTED_AUTOMATION = {
+    "reference_atlas": None,
+    "spatial_cells": None,
+    "sample_panel": "eager, once upstream blocking checks passed",
+    "gene_panel": "once per panel, when sample_panel adds it",
+    "training_set": "eager: when an upstream partition updates",
+    "label_mapping": "eager: when an upstream partition updates",
+    "celltype_model": "eager, once upstream blocking checks passed",
+    "cell_type_annotations": "eager, on the model of the sample's own panel",
+    "cell_type_summary": "eager: when an upstream partition updates",
+    "domain_model": "fitted once, when missing, on the samples present",
+    "spatial_domains": "eager, once upstream blocking checks passed",
+    "domain_composition": "eager: when an upstream partition updates",
+    "domain_markers": "eager: when an upstream partition updates",
 }
 
 
-def _defs(tmp_path) -> dg.Definitions:
+@pytest.fixture()
+def defs(tmp_path, monkeypatch) -> dg.Definitions:
+    monkeypatch.setenv("SPATIAL_ASSETS_HOME", str(tmp_path))
     return build_definitions({**build_resources("local"), "settings": PlatformSettings()})
 
 
-def test_asset_graph_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPATIAL_ASSETS_HOME", str(tmp_path))
-    graph = _defs(tmp_path).resolve_asset_graph()
-    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == set(EXPECTED_ASSETS)
-    for name, partitions in EXPECTED_ASSETS.items():
-        pdef = graph.get(dg.AssetKey(name)).partitions_def
+def test_asset_graph_snapshot(defs):
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == set(EXPECTED_ASSETS)
+    for name, (partitions, group, kinds) in EXPECTED_ASSETS.items():
+        node = graph.get(dg.AssetKey(name))
+        pdef = node.partitions_def
         assert (pdef.name if pdef is not None else None) == partitions, name
-    for name, deps in EXPECTED_DEPS.items():
-        assert {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys} == deps, name
+        assert isinstance(pdef, dg.DynamicPartitionsDefinition) or pdef is None, name
+        assert node.group_name == group, name
+        assert node.kinds == kinds, name
+    for name, parents in EXPECTED_DEPS.items():
+        key = dg.AssetKey(name)
+        assert {k.to_user_string() for k in graph.get(key).parent_keys} == set(parents), name
+        for parent, mapping in parents.items():
+            if mapping is not None:
+                found = type(graph.get_partition_mapping(key, dg.AssetKey(parent))).__name__
+                assert found == mapping, (name, parent, found)
 
 
-def test_checks_snapshot(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPATIAL_ASSETS_HOME", str(tmp_path))
-    graph = _defs(tmp_path).resolve_asset_graph()
+def test_every_asset_has_owners_code_version_and_description(defs):
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert list(node.owners) == OWNERS, key
+        assert node.code_version, key
+        assert node.description and len(node.description) > 40, key
+
+
+def test_checks_snapshot(defs):
+    graph = defs.resolve_asset_graph()
     found = set()
     for key in graph.asset_check_keys:
         spec = graph.get_check_spec(key)
-        found.add((key.asset_key.to_user_string(), key.name, spec.blocking))
-        if key.asset_key.to_user_string() in {"spatial_cells", "cell_type_annotations", "spatial_domains"}:
-            assert spec.partitions_def is not None and spec.partitions_def.name == "samples", key
+        pdef = spec.partitions_def
+        found.add((key.asset_key.to_user_string(), key.name, spec.blocking, pdef.name if pdef else None))
     assert found == EXPECTED_CHECKS
 
 
-def test_sensors_schedule_and_automation(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPATIAL_ASSETS_HOME", str(tmp_path))
-    defs = _defs(tmp_path)
-    assert {s.name for s in defs.sensors} == {"reference_manifest_sensor", "sample_landing_sensor"}
+def test_jobs_snapshot(defs):
+    assert {j.name for j in defs.jobs} == set(EXPECTED_JOBS)
+    for name, (assets, partitions) in EXPECTED_JOBS.items():
+        job = defs.resolve_job_def(name)
+        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == assets, name
+        assert (job.partitions_def.name if job.partitions_def else None) == partitions, name
+        assert job.description, name
+
+
+def test_sensors_schedule_and_automation(defs):
+    sensors = {s.name: s for s in defs.sensors}
+    assert set(sensors) == {"reference_manifest_sensor", "sample_landing_sensor", "spatial_assets_automation"}
+    # all three run without anyone switching them on (Dagster's default automation sensor would not)
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
+    assert sensors["reference_manifest_sensor"].job_name == "references_job"
+    assert sensors["sample_landing_sensor"].job_name == "samples_job"
+    automation = sensors["spatial_assets_automation"]
+    assert isinstance(automation, dg.AutomationConditionSensorDefinition)
+    assert automation.sensor_type.value == "AUTOMATION"  # evaluated in the user code server (not AUTO_MATERIALIZE)
     (schedule,) = defs.schedules
-    assert schedule.cron_schedule == "0 2 * * *"
+    assert schedule.cron_schedule == "0 2 * * *" and schedule.job_name == "references_job"
     graph = defs.resolve_asset_graph()
-    automated = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition is not None}
-    # inputs are driven by sensors, everything downstream by declarative automation
-    assert automated == set(EXPECTED_ASSETS) - {"reference_atlas", "spatial_cells"}
+    labels = {}
+    for key in graph.get_all_asset_keys():
+        condition = graph.get(key).automation_condition
+        labels[key.to_user_string()] = condition.get_label() if condition is not None else None
+    assert labels == EXPECTED_AUTOMATION
+
+
+def test_panel_condition_is_the_only_custom_one(defs):
+    """Only the annotations condition needs the user code server; the others would serialize."""
+    graph = defs.resolve_asset_graph()
+    custom = {
+        key.to_user_string()
+        for key in graph.get_all_asset_keys()
+        if graph.get(key).automation_condition is not None and not graph.get(key).automation_condition.is_serializable
+    }
+    assert custom == {"cell_type_annotations"}

@@ -1,8 +1,10 @@
 """The UI as a user opens it: `dagster-webserver` on the workspace, queried through GraphQL.
 
-Materializes the reference → training set → model part of the graph into a real on-disk instance
-(storage on the test S3 server, configured purely through environment variables — the ``s3``
-deployment), then starts the webserver on that instance and asks it what a user would see.
+Runs the reference → sample → panel model part of the graph through the named jobs into a real
+on-disk instance (storage on the test S3 server, configured purely through environment variables
+— the ``s3`` deployment), then starts the webserver on that instance and asks it what a user
+would see: assets and their partitions, checks, jobs, sensors (running by default), automation
+condition labels, and the metadata of the materializations.
 """
 
 import json
@@ -32,6 +34,7 @@ QUERY = """
   assetNodes {
     assetKey { path }
     isPartitioned
+    automationCondition { label }
     assetChecksOrError { ... on AssetChecks { checks { name blocking
         executionForLatestMaterialization { status } } } }
   }
@@ -81,14 +84,13 @@ def test_webserver_lists_assets_partitions_and_checks(deployment_env, tmp_path):
     merfish = ad.read_h5ad(MERFISH)[:3000].copy()
     merfish.write_h5ad(tmp_path / "s1.h5ad")
     store.put_file(tmp_path / "s1.h5ad", "landing/samples/s1.h5ad")
-    assets = list(defs.assets) + list(defs.asset_checks)
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("references", ["poa"])
         instance.add_dynamic_partitions("samples", ["s1"])
-        dg.materialize(assets, selection=dg.AssetSelection.assets("reference_atlas"), partition_key="poa",
-                       instance=instance, resources=defs.resources)
-        dg.materialize(assets, selection=dg.AssetSelection.assets("training_set", "label_mapping", "celltype_model"),
-                       instance=instance, resources=defs.resources)
+        defs.resolve_job_def("references_job").execute_in_process(instance=instance, partition_key="poa")
+        defs.resolve_job_def("samples_job").execute_in_process(instance=instance, partition_key="s1")
+        (panel,) = instance.get_dynamic_partitions("panels")  # added by sample_panel
+        defs.resolve_job_def("panel_models_job").execute_in_process(instance=instance, partition_key=panel)
 
     (port,) = free_ports(1)
     exe = Path(sys.executable).parent / "dagster-webserver"
@@ -119,7 +121,9 @@ def test_webserver_lists_assets_partitions_and_checks(deployment_env, tmp_path):
         assert {"reference_atlas", "training_set", "celltype_model", "spatial_cells", "cell_type_annotations",
                 "spatial_domains", "domain_composition"} <= set(nodes)
         assert nodes["reference_atlas"]["isPartitioned"] and nodes["cell_type_annotations"]["isPartitioned"]
-        assert not nodes["celltype_model"]["isPartitioned"]
+        assert nodes["celltype_model"]["isPartitioned"]  # one model per gene panel
+        assert nodes["cell_type_annotations"]["automationCondition"]["label"] == "eager, on the model of the sample's own panel"
+        assert nodes["reference_atlas"]["automationCondition"] is None  # driven by its sensor
         checks = {c["name"]: c for c in nodes["training_set"]["assetChecksOrError"]["checks"]}
         assert checks["balanced_training_set"]["blocking"]
         assert checks["balanced_training_set"]["executionForLatestMaterialization"]["status"] == "SUCCEEDED"
@@ -130,7 +134,20 @@ def test_webserver_lists_assets_partitions_and_checks(deployment_env, tmp_path):
         meta = _graphql(port, """{ assetOrError(assetKey: {path: ["celltype_model"]}) { ... on Asset {
               assetMaterializations(limit: 1) { metadataEntries { label } } } } }""")
         labels = {e["label"] for e in meta["data"]["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
-        assert {"sha256", "uri", "n_classes", "library_versions"} <= labels
+        assert {"sha256", "uri", "n_classes", "panel_id", "model_genes", "library_versions"} <= labels
+        ref = _graphql(port, """{ assetOrError(assetKey: {path: ["reference_atlas"]}) { ... on Asset {
+              assetMaterializations(limit: 1) { metadataEntries { label } } } } }""")
+        labels = {e["label"] for e in ref["data"]["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
+        assert {"reference_sha256", "reference_uri", "sha256", "uri"} <= labels
+        # the jobs and the three sensors, running without anyone switching them on
+        repo = '{repositoryLocationName: "spatial_assets", repositoryName: "__repository__"}'
+        sensors = _graphql(port, "{ sensorsOrError(repositorySelector: %s) { ... on Sensors { results { name sensorState { status } } } } }" % repo)
+        states = {s["name"]: s["sensorState"]["status"] for s in sensors["data"]["sensorsOrError"]["results"]}
+        assert states == {"reference_manifest_sensor": "RUNNING", "sample_landing_sensor": "RUNNING",
+                          "spatial_assets_automation": "RUNNING"}
+        jobs = _graphql(port, "{ repositoryOrError(repositorySelector: %s) { ... on Repository { jobs { name } } } }" % repo)
+        names = {j["name"] for j in jobs["data"]["repositoryOrError"]["jobs"]}
+        assert {"references_job", "samples_job", "panel_models_job", "celltyping_job", "domain_model_job", "domains_job"} <= names
     finally:
         proc.terminate()
         try:

@@ -9,7 +9,14 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from spatial_assets.domains.engine import DomainInputError
-from spatial_assets.domains.graph import build_spatial_graph, find_islands, flag_islands, median_nn_distance
+from spatial_assets.domains.graph import (
+    build_spatial_graph,
+    detect_lattice,
+    find_islands,
+    flag_islands,
+    median_nn_distance,
+    neighbourhood_graph,
+)
 
 
 def _adata(xy: np.ndarray, **obs) -> AnnData:
@@ -120,3 +127,37 @@ def test_errors_name_the_problem() -> None:
         build_spatial_graph(c, coord_type="grid", n_neighbors=5)
     with pytest.raises(DomainInputError, match="spatial_connectivities"):
         find_islands(c, min_size=3)
+
+
+def _hex(n_rows: int, n_cols: int, spacing: float = 100.0) -> np.ndarray:
+    r, c = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    r, c = r.ravel(), c.ravel()
+    return np.c_[(c + 0.5 * (r % 2)) * spacing, r * spacing * np.sqrt(3) / 2]
+
+
+def test_detect_lattice_tells_spots_from_cells_whatever_the_units() -> None:
+    assert detect_lattice(_hex(30, 30, 137.5)) == ("hex", pytest.approx(137.5))
+    assert detect_lattice(_lattice(40, 40, 2.0)) == ("square", pytest.approx(2.0))
+    cells = np.random.default_rng(0).uniform(0, 1000, size=(2000, 2))
+    assert detect_lattice(cells)[0] is None
+    # a lattice with a little jitter (registration noise) is still a lattice; cells never are
+    jitter = _hex(30, 30) + np.random.default_rng(1).normal(0, 0.3, size=(900, 2))
+    assert detect_lattice(jitter)[0] == "hex"
+
+
+def test_neighbourhood_graph_lattice_for_spots_knn_for_cells_per_sample() -> None:
+    spots = _hex(20, 20)
+    cells = np.random.default_rng(2).uniform(0, 2000, size=(400, 2))
+    xy = np.vstack([spots, cells])
+    groups = [np.arange(400), np.arange(400, 800)]
+    conn, info = neighbourhood_graph(xy, groups, coord_type="auto")
+    assert info["graph_per_group"] == ["hex_lattice", "knn10"]
+    deg = np.asarray(conn.sum(1)).ravel()
+    interior = (spots[:, 0] > 150) & (spots[:, 0] < 1800) & (spots[:, 1] > 150) & (spots[:, 1] < 1500)
+    assert set(deg[:400][interior]) == {6}
+    assert deg[400:].min() >= 10
+    assert conn[:400, 400:].nnz == 0  # no edge between the samples
+    generic, info = neighbourhood_graph(xy, groups, coord_type="generic")
+    assert info["graph_per_group"] == ["knn10", "knn10"]
+    with pytest.raises(DomainInputError, match="coord_type"):
+        neighbourhood_graph(xy, groups, coord_type="hexagonal")

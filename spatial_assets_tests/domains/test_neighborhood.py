@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -14,8 +12,6 @@ import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from spatial_assets.domains.engine import (
-    DEFAULT_ENGINE,
-    DomainEngine,
     DomainInputError,
     DomainModel,
     get_engine,
@@ -25,12 +21,10 @@ from spatial_assets.domains.engine import (
 from spatial_assets.domains.neighborhood import NeighborhoodDomainModel
 from spatial_assets.domains.synthetic import make_synthetic_tissue, split_samples
 
-STARMAP = Path(__file__).resolve().parents[2] / "data" / "mouse_mPFC_STARmap_Wang2018.h5ad"
-
-
-@pytest.fixture(scope="module")
-def starmap_slices() -> list[ad.AnnData]:
-    a = ad.read_h5ad(STARMAP)
+@pytest.fixture()
+def starmap_slices(load_starmap) -> list[ad.AnnData]:
+    """The three STARmap slices, fresh copies per test."""
+    a = load_starmap()
     return [a[(a.obs["slice"] == s).to_numpy()].copy() for s in sorted(a.obs["slice"].unique())]
 
 
@@ -52,21 +46,6 @@ def test_starmap_layers_recovered_with_one_shared_model(starmap_slices: list[ad.
         assert o.obsm["X_domain_embedding"].shape == (o.n_obs, model.params.n_pcs)
         assert o.uns["domains"]["engine"] == "neighborhood"
     assert model.levels == [4, 6] and isinstance(model, DomainModel)
-
-
-def test_default_engine_is_neighborhood_and_protocols_hold() -> None:
-    assert DEFAULT_ENGINE == "neighborhood"
-    assert isinstance(get_engine("neighborhood"), DomainEngine)
-    with pytest.raises(ValueError, match="unknown domain engine"):
-        get_engine("nope")
-    with pytest.raises(ValueError, match="unknown neighborhood engine option"):
-        get_engine("neighborhood", lamda=0.3)
-
-
-def test_importing_domains_does_not_import_torch() -> None:
-    code = "import sys, spatial_assets.domains.engine, spatial_assets.domains.neighborhood; print('torch' in sys.modules, 'novae' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "False False"
 
 
 def test_spatial_information_is_what_finds_domains(synthetic: list[ad.AnnData]) -> None:
@@ -140,3 +119,91 @@ def test_errors_are_specific(synthetic: list[ad.AnnData]) -> None:
     other = s0[:, :100].copy()
     with pytest.raises(DomainInputError, match="genes are missing"):
         model.assign(other)
+
+
+def test_fit_assign_equals_fit_then_assign(synthetic: list[ad.AnnData]) -> None:
+    """run_domains computes features once (fit_assign); the result must be what assign gives."""
+    from spatial_assets.domains.neighborhood import NeighborhoodDomainEngine
+
+    eng = NeighborhoodDomainEngine()
+    model, outs = eng.fit_assign(synthetic, levels=[3], n_domains=4, seed=0)
+    for a, o in zip(synthetic, outs):
+        again = model.assign(a)
+        for key in ("domain_level_3", "domain_level_4", "domain"):
+            assert (o.obs[key] == again.obs[key]).all()
+        np.testing.assert_allclose(o.obsm["X_domain_embedding"], again.obsm["X_domain_embedding"], rtol=1e-5, atol=1e-5)
+    run, _ = run_domains(synthetic, n_domains=4, levels=[3], seed=0)
+    assert all((r.obs["domain"] == o.obs["domain"]).all() for r, o in zip(run, outs))
+
+
+def test_gram_from_dense_row_blocks_equals_the_sparse_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spatial_assets.domains import neighborhood
+
+    rng = np.random.default_rng(0)
+    mats = [sp.csr_matrix(rng.poisson(0.3, size=(n, 40)).astype(np.float32)) for n in (1000, 333)]
+    monkeypatch.setattr(neighborhood, "_GRAM_BLOCK_ELEMENTS", 40 * 97)  # many blocks, a ragged last one
+    expected = sum((m.T @ m).toarray().astype(np.float64) for m in mats)
+    np.testing.assert_allclose(neighborhood.gram_matrix(mats), expected, rtol=1e-12)
+    np.testing.assert_allclose(neighborhood.gram_matrix([m.toarray() for m in mats]), expected, rtol=1e-12)
+
+
+def test_library_target_is_the_datas_own_and_frozen_in_the_model(synthetic: list[ad.AnnData], tmp_path: Path) -> None:
+    model = get_engine("neighborhood", target_sum="median").fit(synthetic, levels=[], n_domains=4, seed=0)
+    libs = np.concatenate([np.asarray(s.X.sum(1)).ravel() for s in synthetic])
+    assert model.library_target == pytest.approx(np.median(libs[libs > 0]))
+    auto = get_engine("neighborhood").fit(synthetic, levels=[], n_domains=4, seed=0)
+    scores = auto.fit_stats["library_target"]["structure_scores"]
+    assert len(scores) == 2 and auto.library_target in (pytest.approx(model.library_target), 1e4)
+    assert auto.library_target == pytest.approx(float(max(scores, key=scores.get)))
+    model.save(tmp_path / "m")
+    assert load_model(tmp_path / "m").library_target == model.library_target
+
+
+def test_spot_data_shipped_normalised_gets_the_domains_of_its_raw_counts() -> None:
+    """Already library-size-normalised spots (log1p-10k, no counts) and the same spots as raw counts
+    are the same tissue: normalisation to the data's own scale recovers the molecule units."""
+    from spatial_assets.domains.synthetic import make_synthetic_spots
+
+    raw = make_synthetic_spots(24, 24, n_domains=4, n_genes=600, normalized=False, seed=4)
+    norm = make_synthetic_spots(24, 24, n_domains=4, n_genes=600, normalized=True, seed=4)
+    assert sp.issparse(norm.X) and not np.allclose(norm.X[:5].toarray() % 1, 0)
+    a, ma = run_domains([raw], n_domains=4, seed=0, target_sum="median")
+    b, mb = run_domains([norm], n_domains=4, seed=0, target_sum="median")
+    assert mb.library_target == pytest.approx(ma.library_target, rel=1e-4)
+    assert mb.fit_stats["library_target"]["per_input"]["0"]["source"] == "recovered_counts"
+    assert adjusted_rand_score(a[0].obs["domain"], b[0].obs["domain"]) > 0.99
+    assert adjusted_rand_score(raw.obs["true_domain"], a[0].obs["domain"]) > 0.6
+
+
+def test_output_with_path_like_sample_names_writes_to_h5ad(synthetic: list[ad.AnnData], tmp_path: Path) -> None:
+    named = [s.copy() for s in synthetic]
+    for i, s in enumerate(named):
+        s.uns["source_path"] = f"s3://bucket/run/sample{i}.h5ad"
+    outs, _ = run_domains(named, n_domains=4, seed=0)
+    outs[0].write_h5ad(tmp_path / "o.h5ad")
+    back = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert back.uns["domains"]["fit_stats"]["graph"]["1"]["input"] == "s3://bucket/run/sample1.h5ad"
+    assert back.uns["domains"]["library_target"] == outs[0].uns["domains"]["library_target"]
+
+
+def test_whole_transcriptome_gene_selection_keeps_max_genes(synthetic: list[ad.AnnData]) -> None:
+    for how in ("variance", "hvg", "svg", "hvg_svg"):
+        model = get_engine("neighborhood", max_genes=120, gene_selection=how, target_sum="median").fit(synthetic[:1], levels=[], n_domains=4, seed=0)
+        assert len(model.genes) == 120 and model.fit_stats["gene_selection"]["method"] == how
+    with pytest.raises(DomainInputError, match="gene_selection"):
+        get_engine("neighborhood", gene_selection="random")
+
+
+def test_format_1_model_still_loads_and_assigns_as_before(synthetic: list[ad.AnnData], tmp_path: Path) -> None:
+    """A model saved before the adaptive defaults keeps normalising as it did (10k, unscaled, k-NN)."""
+    v1 = get_engine("neighborhood", target_sum=1e4, scale_genes=False).fit(synthetic[:1], levels=[], n_domains=4, seed=0)
+    v1.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "domain_model.json").read_text())
+    meta["format_version"] = 1
+    for k in ("target_sum", "scale_genes", "coord_type", "gene_selection", "grid_hops"):
+        meta["params"].pop(k)
+    meta.pop("library_target")
+    (tmp_path / "m" / "domain_model.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")
+    assert loaded.library_target == 1e4 and loaded.params.scale_genes is False
+    assert (loaded.assign(synthetic[1]).obs["domain"] == v1.assign(synthetic[1]).obs["domain"]).all()

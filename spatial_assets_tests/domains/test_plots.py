@@ -21,13 +21,13 @@ from spatial_assets.domains.plots import (
     plot_islands,
 )
 
-STARMAP = Path(__file__).resolve().parents[2] / "data" / "mouse_mPFC_STARmap_Wang2018.h5ad"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def starmap() -> ad.AnnData:
-    a = ad.read_h5ad(STARMAP)
+@pytest.fixture()
+def starmap(load_starmap) -> ad.AnnData:
+    """STARmap with stand-ins for engine output; a fresh copy per test."""
+    a = load_starmap()
     # stand-ins for engine output: two "levels" with engine-style ids
     layer_ids = {lab: f"L4_D{i}" for i, lab in enumerate(sorted(a.obs["layer"].astype(str)))}
     a.obs["domain_level_4"] = a.obs["layer"].astype(str).map(layer_ids).astype("category")

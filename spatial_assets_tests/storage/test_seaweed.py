@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -145,3 +146,50 @@ def test_ensure_running_starts_detached_once_and_reuses_it(tmp_path: Path) -> No
     assert not (state / STATE_FILE).exists()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert stop_running(state) is False  # idempotent
+
+
+def test_security_material_generated_once_private_and_a_partial_set_regenerated(tmp_path: Path) -> None:
+    from spatial_assets.storage.seaweed_security import ensure_security
+
+    first = ensure_security(tmp_path / "state")
+    files = (first.config, first.ca_cert, first.cert, first.key)
+    snapshot = {f: f.read_bytes() for f in files}
+    assert stat.S_IMODE(first.config_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert ensure_security(tmp_path / "state") == first
+    assert {f: f.read_bytes() for f in files} == snapshot  # reused, not rewritten
+    first.cert.unlink()  # e.g. a crash mid-generation: the whole set is made again, consistently
+    again = ensure_security(tmp_path / "state")
+    assert again.ca_cert.read_bytes() != snapshot[first.ca_cert] and again.config.read_bytes() != snapshot[first.config]
+    other = ensure_security(tmp_path / "other")
+    assert other.config.read_text() != again.config.read_text()  # keys differ per state dir
+
+
+class _UnsecuredSeaweed(SeaweedS3):
+    """A server as started before its ports were secured (no ``-config_dir``)."""
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        return [c for c in cmd if not c.startswith("-config_dir=")]
+
+
+def test_ensure_running_replaces_a_server_started_without_security(tmp_path: Path) -> None:
+    state = (tmp_path / "home" / "s3").resolve()
+    old = _UnsecuredSeaweed(state, detach=True)
+    settings = old.start(timeout=30)
+    old_pid = old.pid
+    (state / STATE_FILE).write_text(
+        json.dumps({"pid": old_pid, "ports": old.ports, "endpoint_url": settings.endpoint_url, "region": "us-east-1"})
+    )
+    old.proc = None  # detached, as ensure_running leaves it
+    try:
+        new_settings = ensure_running(state)
+        new_pid = int(json.loads((state / STATE_FILE).read_text())["pid"])
+        assert new_pid != old_pid
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+        assert f"-config_dir={state / 'security'}" in psutil.Process(new_pid).cmdline()
+        assert (new_settings.access_key_id, new_settings.secret_access_key) == (settings.access_key_id, settings.secret_access_key)
+    finally:
+        stop_running(state)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old_pid, 9)

@@ -1,7 +1,14 @@
-"""Training set → model → per-sample annotations.
+"""Per panel: gene panel → training set → model; per sample: annotations with its own panel's model.
 
 Thin wrappers: each asset gathers its inputs, calls the science in ``spatial_assets.*`` and
 records what a user needs to audit the result (hashes, parameters, versions, counts, plots).
+
+How a sample finds its model: ``sample_panel[sample]`` (an input) names the panel, and the
+annotations asset loads ``celltype_model[panel]`` through the IO manager
+(``context.load_asset_value``). The edge to ``celltype_model`` is declared with
+``AllPartitionMapping`` because Dagster cannot map a sample to its panel itself (the pairing is
+data); the automation condition (:func:`~spatial_assets.defs.automation.on_own_panel_model`)
+makes sure only the sample's own panel's model triggers or blocks it.
 """
 
 from pathlib import Path
@@ -11,41 +18,104 @@ import dagster as dg
 import pandas as pd
 
 from spatial_assets.core import schema
-from spatial_assets.defs.automation import downstream_of_checked, on_upstream_change
-from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
+from spatial_assets.core.lineage import library_versions
+from spatial_assets.defs.execution import op_tags_for
+from spatial_assets.celltyping.training import TrainedModel
+from spatial_assets.defs.automation import (
+    CELLTYPE_MODEL,
+    MODEL_GENES_METADATA,
+    downstream_of_checked,
+    on_new_panel,
+    on_own_panel_model,
+    on_upstream_change,
+)
+from spatial_assets.defs.history import latest_storage_ids
+from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
+from spatial_assets.defs.partitions import by_partition, one_partition, panels_partitions, samples_partitions
+from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets.core.lineage import library_versions
+from spatial_assets.platform.panels import Panel, PanelError
 from spatial_assets.platform.workflow import (
     annotate_sample,
     build_training_set,
-    resolve_panel,
     summarize_annotations,
     train_celltype_model,
 )
 
 
+@dg.asset(
+    partitions_def=panels_partitions,
+    ins={
+        "sample_panel": dg.AssetIn(
+            partition_mapping=dg.AllPartitionMapping(), metadata={"allow_missing_partitions": True}
+        )
+    },
+    automation_condition=on_new_panel(),
+    group_name="celltyping",
+    owners=OWNERS,
+    code_version="1",
+    kinds={"json", STORAGE_KIND},
+    description=(
+        "A gene panel (partition = p-<first 12 hex of sha256 of the sorted genes>): its readable name and "
+        "genes, from the samples that measure it. The genes every model of this partition is trained on."
+    ),
+)
+def gene_panel(context: dg.AssetExecutionContext, sample_panel: dict[str, dict]) -> dict:
+    pid = context.partition_key
+    sample_panel = by_partition(context, "sample_panel", sample_panel)
+    records = {sid: rec for sid, rec in sample_panel.items() if rec.get("panel_id") == pid}
+    if not records:
+        raise PanelError(
+            f"panel {pid}: no materialized sample_panel records it (samples: {sorted(sample_panel)}); "
+            "it is added by sample_panel, not by hand"
+        )
+    panel = Panel.from_record(next(iter(records.values())))
+    context.add_output_metadata(
+        {
+            "panel_name": panel.name,
+            "panel_source": panel.source,
+            "n_genes": panel.n_genes,
+            "samples_at_creation": ", ".join(sorted(records)),
+            "genes": dg.MetadataValue.md(", ".join(panel.genes)),
+        }
+    )
+    return panel.to_record()
+
+
 @dg.multi_asset(
     outs={
         "training_set": dg.AssetOut(
-            kinds={"anndata"},
+            kinds={"anndata", STORAGE_KIND},
+            owners=OWNERS,
+            code_version="1",
             automation_condition=on_upstream_change(),
-            description="References combined on the panel genes, labels mapped to Cell Ontology, Cap & Fill balanced.",
+            description="All references combined on the panel's genes, labels mapped to Cell Ontology, Cap & Fill balanced.",
         ),
         "label_mapping": dg.AssetOut(
-            kinds={"parquet"},
+            kinds={"parquet", STORAGE_KIND},
+            owners=OWNERS,
+            code_version="1",
             automation_condition=on_upstream_change(),
-            description="Reference label → Cell Ontology id mapping (tier, score, cells per source).",
+            description="Reference label → Cell Ontology id mapping (tier, score, cells per source) for the panel.",
         ),
     },
-    ins={"reference_atlas": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins={"reference_atlas": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()), "gene_panel": dg.AssetIn()},
+    partitions_def=panels_partitions,
     group_name="celltyping",
     pool="heavy",
+    op_tags=op_tags_for("training_set"),
 )
-def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, storage: StorageResource, settings: PlatformSettings):
-    panel, panel_source = resolve_panel(storage.get_store(), settings, context.instance.get_dynamic_partitions("samples"))
-    result = build_training_set(list(reference_atlas.values()), panel, settings, s3_settings=storage.s3_settings(), panel_source=panel_source)
+def training_set(
+    context: dg.AssetExecutionContext,
+    reference_atlas: dict,
+    gene_panel: dict,
+    storage: StorageResource,
+    settings: PlatformSettings,
+):
+    panel = Panel.from_record(one_partition(context, "gene_panel", gene_panel))
+    references = by_partition(context, "reference_atlas", reference_atlas)
+    result = build_training_set(list(references.values()), panel, settings, s3_settings=storage.s3_settings())
     tset, mapping = result.training_set, result.mapping_table
     counts = tset.obs[schema.CELL_TYPE].value_counts()
     yield dg.Output(
@@ -53,10 +123,12 @@ def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, stora
         output_name="training_set",
         metadata={
             "content_sha256": tset.uns["content_sha256"],
+            "panel_id": panel.id,
+            "panel_name": panel.name,
             "n_cells": tset.n_obs,
             "n_genes": tset.n_vars,
+            "n_panel_genes": panel.n_genes,
             "n_classes": int(counts.size),
-            "panel_source": panel_source,
             "references": dg.MetadataValue.json(tset.uns["lineage_references"]),
             "class_counts": md_table(["class", "cells"], counts.items()),
             "parameters": dg.MetadataValue.json(tset.uns["training_parameters"]),
@@ -67,27 +139,41 @@ def training_set(context: dg.AssetExecutionContext, reference_atlas: dict, stora
         mapping,
         output_name="label_mapping",
         metadata={
+            "panel_id": panel.id,
             "n_labels": len(mapping),
             "n_mapped": int(mapping["ontology_term_id"].astype(str).str.startswith("CL:").sum()),
             "preview": dg.MetadataValue.md(mapping.head(50).to_markdown(index=False)),
+            **table_metadata(mapping),
         },
     )
 
 
 @dg.asset(
-    automation_condition=on_upstream_change(),
+    partitions_def=panels_partitions,
+    automation_condition=downstream_of_checked(),
     group_name="celltyping",
+    owners=OWNERS,
+    code_version="1",
     pool="heavy",
-    kinds={"celltypist"},
-    description="Panel-specific CellTypist model (celltypist.models.Model.load-able) with its model card; sha256 verified before every load.",
+    op_tags=op_tags_for("celltype_model"),
+    kinds={"celltypist", STORAGE_KIND},
+    description=(
+        "The panel's CellTypist model (celltypist.models.Model.load-able) with its model card; sha256 verified "
+        "before every load. Annotates every sample on this panel, and no other."
+    ),
 )
-def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, settings: PlatformSettings):
+def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, settings: PlatformSettings) -> TrainedModel:
     model = train_celltype_model(training_set, settings)
+    panel = dict(training_set.uns.get("panel", {}))
     context.add_output_metadata(
         {
+            "panel_id": str(panel.get("id", context.partition_key)),
+            "panel_name": str(panel.get("name", "")),
             "n_classes": len(model.classes),
             "n_genes": len(model.genes),
             "classes": ", ".join(model.classes),
+            # what the gene-overlap check of each sample on this panel compares with
+            MODEL_GENES_METADATA: dg.MetadataValue.json(list(model.genes)),
             "training_set_content_sha256": training_set.uns["content_sha256"],
             "parameters": dg.MetadataValue.json(model.card.get("parameters", {})),
             "library_versions": library_versions(),
@@ -98,57 +184,71 @@ def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, 
 
 @dg.asset(
     partitions_def=samples_partitions,
-    automation_condition=downstream_of_checked(),
+    ins={"spatial_cells": dg.AssetIn(), "sample_panel": dg.AssetIn()},
+    # declared so the graph, lineage and blocking-check rules see it; read by lookup (own panel only)
+    deps=[dg.AssetDep(CELLTYPE_MODEL, partition_mapping=dg.AllPartitionMapping())],
+    automation_condition=on_own_panel_model(),
     group_name="celltyping",
+    owners=OWNERS,
+    code_version="1",
     pool="heavy",
-    kinds={"anndata", "celltypist"},
-    description="Per-cell CellTypist calls with calibrated confidence, Unassigned below threshold, CL ids, and uns['provenance'].",
+    op_tags=op_tags_for("cell_type_annotations"),
+    kinds={"anndata", "celltypist", STORAGE_KIND},
+    description=(
+        "Per-cell CellTypist calls with the model of the sample's own panel: calibrated confidence, Unassigned "
+        "below threshold, CL ids, and uns['provenance'] (references → training set → model → panel → sample)."
+    ),
 )
 def cell_type_annotations(
     context: dg.AssetExecutionContext,
     spatial_cells: ad.AnnData,
-    celltype_model,
-    storage: StorageResource,
+    sample_panel: dict,
     settings: PlatformSettings,
-) -> ad.AnnData:
-    annotated = annotate_sample(spatial_cells, celltype_model, settings, run_id=context.run.run_id, sample_id=context.partition_key)
+) -> WithFigures:
+    sample_id = context.partition_key
+    panel = Panel.from_record(one_partition(context, "sample_panel", sample_panel))
+    if panel.id not in latest_storage_ids(context.instance, CELLTYPE_MODEL, [panel.id]):
+        raise PanelError(
+            f"sample {sample_id!r} is on panel {panel.id} ({panel.name}), which has no celltype_model yet: "
+            f"materialize panel_models_job for partition {panel.id} (automation does so by itself)"
+        )
+    model = context.load_asset_value(CELLTYPE_MODEL, partition_key=panel.id, python_type=TrainedModel)
+    annotated = annotate_sample(spatial_cells, model, settings, run_id=context.run.run_id, sample_id=sample_id, panel=panel)
     obs = annotated.obs
     unassigned = float((obs[schema.CELL_TYPE] == schema.UNASSIGNED).mean())
     metadata = {
         "n_cells": annotated.n_obs,
+        "panel_id": panel.id,
+        "panel_name": panel.name,
         "mean_confidence": float(obs[schema.CONFIDENCE].mean()),
         "unassigned_fraction": unassigned,
-        "confidence_threshold": settings.confidence_threshold,
+        "confidence_threshold": float(annotated.uns[schema.CELLTYPING_UNS]["confidence_threshold"]),
         "model_sha256": annotated.uns[schema.PROVENANCE_UNS]["model"]["sha256"],
         "provenance": dg.MetadataValue.json(annotated.uns[schema.PROVENANCE_UNS]),
         "cells_per_type": md_table(["cell type", "cells"], obs[schema.CELL_TYPE].value_counts().items()),
     }
-    metadata.update(
-        attach_plots(
-            storage.get_store(),
-            plots_prefix("cell_type_annotations", context.partition_key),
-            lambda out_dir: _celltyping_plots(annotated, out_dir, settings),
-            context.log,
-        )
-    )
     context.add_output_metadata(metadata)
-    return annotated
+    # the IO manager stores the PNGs beside the annotations (<sample>.plots/) with thumbnails in the metadata
+    return WithFigures(annotated, render_figures(lambda out_dir: _celltyping_plots(annotated, out_dir, settings), context.log))
 
 
 def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSettings) -> dict:
     from spatial_assets.celltyping.plots import write_celltyping_plots
 
-    return write_celltyping_plots(annotated, out_dir, confidence_threshold=settings.confidence_threshold)
+    threshold = float(annotated.uns[schema.CELLTYPING_UNS]["confidence_threshold"])
+    return write_celltyping_plots(annotated, out_dir, confidence_threshold=threshold)
 
 
 @dg.asset(
     partitions_def=samples_partitions,
     automation_condition=on_upstream_change(),
     group_name="celltyping",
-    kinds={"parquet"},
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet", STORAGE_KIND},
     description="Per-sample summary: cells, fraction and mean confidence per cell type.",
 )
 def cell_type_summary(context: dg.AssetExecutionContext, cell_type_annotations: ad.AnnData) -> pd.DataFrame:
     table = summarize_annotations(cell_type_annotations, sample_id=context.partition_key)
-    context.add_output_metadata({"table": dg.MetadataValue.md(table.to_markdown(index=False))})
+    context.add_output_metadata({"table": dg.MetadataValue.md(table.to_markdown(index=False)), **table_metadata(table)})
     return table

@@ -3,7 +3,7 @@
 import anndata as ad
 import dagster as dg
 
-from spatial_assets.defs.partitions import samples_partitions
+from spatial_assets.defs.partitions import panels_partitions, samples_partitions
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.core.normalization import detect_normalization
 from spatial_assets.platform.validation import check_balanced_set, check_confidence_invariants
@@ -11,6 +11,7 @@ from spatial_assets.platform.validation import check_balanced_set, check_confide
 
 @dg.asset_check(
     asset="training_set",
+    partitions_def=panels_partitions,
     blocking=True,
     description="The training set is log1p of 10k-normalized data (what the model and the query preparation assume).",
 )
@@ -24,6 +25,7 @@ def training_set_normalization(training_set: ad.AnnData) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset="training_set",
+    partitions_def=panels_partitions,
     blocking=True,
     description="Per-class counts ≤ cap, per-source shares match the strategy, target proportions honoured.",
 )

@@ -1,28 +1,24 @@
 """Spatial domains: one shared model → per-sample domains → composition and markers."""
 
-import tempfile
 from pathlib import Path
 
 import anndata as ad
 import dagster as dg
 import pandas as pd
 
-from spatial_assets.defs.automation import on_upstream_change
-from spatial_assets.defs.partitions import samples_partitions
-from spatial_assets.defs.plots import attach_plots, md_table, plots_prefix
-from spatial_assets.defs.resources import StorageResource
+from spatial_assets.defs.automation import downstream_of_checked, fit_once_when_samples_exist, on_upstream_change
+from spatial_assets.defs.execution import op_tags_for
+from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
+from spatial_assets.defs.partitions import by_partition, samples_partitions
+from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.domains.engine import DomainModel
 from spatial_assets.platform.domains import (
     annotate_domains_with_signatures,
     fit_domain_model,
     mark_islands,
-    pack_model,
-    unpack_model,
 )
 from spatial_assets.core.lineage import library_versions
-from spatial_assets.storage.stores import asset_key
-
-MODEL_KEY = asset_key("domain_model", None, ".zip")  # beside the .json record the IO manager writes
 
 
 def _engine_config(settings: PlatformSettings) -> dict:
@@ -32,14 +28,18 @@ def _engine_config(settings: PlatformSettings) -> dict:
 @dg.asset(
     ins={"spatial_cells": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
     # Fitted once when missing, then reused: a new sample must not refit (and so relabel) the
-    # others. Materialize it by hand to refit on every registered sample.
-    automation_condition=dg.AutomationCondition.on_missing(),
+    # others. Materialize it by hand (domain_model_job) to refit on every registered sample.
+    automation_condition=fit_once_when_samples_exist(),
     group_name="domains",
+    owners=OWNERS,
+    code_version="1",
     pool="heavy",
-    kinds={"numpy"},
-    description="The shared domain model (one embedding for all samples, hierarchical levels), stored as npz+json in a zip with its sha256.",
+    op_tags=op_tags_for("domain_model"),
+    kinds={"numpy", STORAGE_KIND},
+    description="The shared domain model (one embedding for all samples, hierarchical levels), stored by the IO manager as npz+json in a zip with its sha256.",
 )
-def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage: StorageResource, settings: PlatformSettings) -> dict:
+def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, settings: PlatformSettings) -> DomainModel:
+    spatial_cells = by_partition(context, "spatial_cells", spatial_cells)
     samples = [spatial_cells[k] for k in sorted(spatial_cells)]
     model = fit_domain_model(
         samples,
@@ -49,82 +49,65 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, storage
         seed=settings.seed,
         engine_config=_engine_config(settings),
     )
-    store = storage.get_store()
-    with tempfile.TemporaryDirectory() as tmp:
-        archive = Path(tmp) / "model.zip"
-        sha = pack_model(model, archive)
-        store.put_file(archive, MODEL_KEY)
     meta = model.metadata()
-    record = {
-        "uri": store.uri(MODEL_KEY),
-        "key": MODEL_KEY,
-        "sha256": sha,
-        "engine": meta.get("engine", ""),
-        "levels": [int(k) for k in model.levels],
-        "n_domains": int(model.n_domains),
-        "fitted_on": sorted(spatial_cells),
-        "metadata": meta,
-    }
+    fitted_on = sorted(spatial_cells)
     context.add_output_metadata(
         {
-            "uri": record["uri"],
-            "sha256": sha,
-            "engine": record["engine"],
-            "levels": ", ".join(map(str, record["levels"])),
-            "fitted_on": ", ".join(record["fitted_on"]),
+            "engine": meta.get("engine", ""),
+            "levels": ", ".join(str(int(k)) for k in model.levels),
+            "n_domains": int(model.n_domains),
+            "fitted_on": ", ".join(fitted_on),
             "fitted_on_content_sha256": dg.MetadataValue.json(
-                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in sorted(spatial_cells)}
+                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in fitted_on}
             ),
             "model_metadata": dg.MetadataValue.json(meta),
             "library_versions": library_versions(),
         }
     )
-    return record
+    return model  # the IO manager packs it (zip + card with its sha256) and verifies it on load
 
 
 @dg.asset(
     partitions_def=samples_partitions,
-    automation_condition=on_upstream_change(),
+    automation_condition=downstream_of_checked(),
     group_name="domains",
+    owners=OWNERS,
+    code_version="1",
     pool="heavy",
-    kinds={"anndata"},
+    op_tags=op_tags_for("spatial_domains"),
+    kinds={"anndata", STORAGE_KIND},
     description="Per-sample domains at every level (obs domain_level_{k}, obs domain) with domain-level cell-type calls (signature enrichment + elbow gap).",
 )
 def spatial_domains(
     context: dg.AssetExecutionContext,
     spatial_cells: ad.AnnData,
-    domain_model: dict,
-    storage: StorageResource,
+    domain_model: DomainModel,
     settings: PlatformSettings,
-) -> ad.AnnData:
-    store = storage.get_store()
-    model = unpack_model(store.get_file(domain_model["key"]), domain_model["sha256"])
-    assigned = mark_islands(model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
+) -> WithFigures:
+    model_sha256 = domain_model.sha256  # set by the IO manager after verifying the stored zip
+    assigned = mark_islands(domain_model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
     annotated, assignment = annotate_domains_with_signatures(assigned, settings.domain_signatures)
-    annotated.uns["domain_model_sha256"] = domain_model["sha256"]
+    annotated.uns["domain_model_sha256"] = model_sha256
     counts = annotated.obs["domain"].value_counts()
     calls = dict(zip(assignment["domain"], assignment["assigned_cell_types"]))
     metadata = {
         "n_cells": annotated.n_obs,
         "n_island_cells": int(annotated.obs["is_island"].sum()),
-        "engine": domain_model["engine"],
-        "domain_model_sha256": domain_model["sha256"],
+        "engine": domain_model.metadata().get("engine", ""),
+        "domain_model_sha256": model_sha256,
         "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
         "signatures_scored": len(annotated.uns["signature_scoring"]["signatures"]),
         "signature_genes_used": int(len(annotated.uns["signature_scoring"]["genes_used"])),
         "signature_genes_missing_from_panel": int(len(annotated.uns["signature_scoring"]["missing_genes"])),
         "parameters": dg.MetadataValue.json(
             {"signatures": settings.domain_signatures, "island_min_size": settings.island_min_size,
-             "exclude_islands": settings.exclude_islands, "levels": domain_model["levels"]}
+             "exclude_islands": settings.exclude_islands, "levels": [int(k) for k in domain_model.levels]}
         ),
         "library_versions": library_versions(),
         "domains": md_table(["domain", "cells", "domain-level call"], ((d, n, calls.get(d, "")) for d, n in counts.items())),
     }
-    metadata.update(
-        attach_plots(store, plots_prefix("spatial_domains", context.partition_key), lambda d: _domain_plots(annotated, assignment, d), context.log)
-    )
     context.add_output_metadata(metadata)
-    return annotated
+    return WithFigures(annotated, render_figures(lambda d: _domain_plots(annotated, assignment, d), context.log))
 
 
 def _domain_plots(adata: ad.AnnData, assignment: pd.DataFrame, out_dir: Path) -> dict:
@@ -142,42 +125,44 @@ def _domain_plots(adata: ad.AnnData, assignment: pd.DataFrame, out_dir: Path) ->
     partitions_def=samples_partitions,
     automation_condition=on_upstream_change(),
     group_name="domains",
-    kinds={"parquet"},
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet", STORAGE_KIND},
     description="Cells per predicted cell type per domain for one sample (long table).",
 )
 def domain_composition(
     context: dg.AssetExecutionContext,
     spatial_domains: ad.AnnData,
     cell_type_annotations: ad.AnnData,
-    storage: StorageResource,
-) -> pd.DataFrame:
+) -> WithFigures:
     from spatial_assets.domains.annotation import domain_composition as compose
 
     merged = spatial_domains.copy()
     merged.obs["cell_type"] = cell_type_annotations.obs["cell_type"].reindex(merged.obs_names).astype(str).to_numpy()
     table = compose(merged, domain_key="domain", cell_type_key="cell_type", sample_key="sample_id")
-    meta = {"n_rows": len(table), "preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False))}
+    meta = {"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)}
 
     def _plot(out_dir: Path) -> dict:
         from spatial_assets.domains import plots
 
         return {"proportions": plots.plot_domain_proportions(table, out_dir / "proportions.png")}
 
-    meta.update(attach_plots(storage.get_store(), plots_prefix("domain_composition", context.partition_key), _plot, context.log))
     context.add_output_metadata(meta)
-    return table
+    return WithFigures(table, render_figures(_plot, context.log))
 
 
 @dg.asset(
     partitions_def=samples_partitions,
     automation_condition=on_upstream_change(),
     group_name="domains",
-    kinds={"parquet"},
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet", STORAGE_KIND},
     description="Top marker genes per domain (one-vs-rest Wilcoxon) for one sample.",
 )
 def domain_markers(context: dg.AssetExecutionContext, spatial_domains: ad.AnnData) -> pd.DataFrame:
     from spatial_assets.domains.annotation import domain_marker_genes
 
     table = domain_marker_genes(spatial_domains, domain_key="domain", n_genes=10)
-    context.add_output_metadata({"n_rows": len(table), "preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False))})
+    context.add_output_metadata({"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)})
     return table

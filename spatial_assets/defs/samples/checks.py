@@ -1,11 +1,16 @@
-"""Blocking checks that guard a sample's annotations."""
+"""Blocking checks that guard a sample's panel and annotations."""
 
 import anndata as ad
 import dagster as dg
 
-from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.core.normalization import detect_normalization
 from spatial_assets.core.spatial import panel_genes
+from spatial_assets.defs.automation import CELLTYPE_MODEL, MODEL_GENES_METADATA
+from spatial_assets.defs.history import latest_metadata_value
+from spatial_assets.defs.partitions import samples_partitions
+from spatial_assets.defs.settings import PlatformSettings
+from spatial_assets.platform.panels import missing_genes
+from spatial_assets.platform.panels import sample_panel as panel_of_sample
 
 
 @dg.asset_check(
@@ -27,22 +32,37 @@ def spatial_cells_normalization(spatial_cells: ad.AnnData) -> dg.AssetCheckResul
     asset="spatial_cells",
     partitions_def=samples_partitions,
     blocking=True,
-    additional_ins={"celltype_model": dg.AssetIn("celltype_model")},
-    description="Every model gene is in the sample's panel (100% overlap required).",
+    # The model's genes are what its materialization recorded (metadata `model_genes`), looked up
+    # for the sample's own panel; not a declared dependency: the check blocks sample_panel, which
+    # leads to celltype_model, so declaring it would make a cycle in any job holding the whole graph.
+    description=(
+        "Every gene of the model of the sample's own panel is measured (100% required); before that panel's "
+        "model exists, every gene of the panel (all of them unless settings.panel_genes is configured)."
+    ),
 )
-def spatial_cells_gene_overlap(spatial_cells: ad.AnnData, celltype_model) -> dg.AssetCheckResult:
-    panel = set(panel_genes(spatial_cells))
-    genes = list(celltype_model.genes)
-    missing = [g for g in genes if g not in panel]
-    overlap = (len(genes) - len(missing)) / max(len(genes), 1)
+def spatial_cells_gene_overlap(
+    context: dg.AssetCheckExecutionContext, spatial_cells: ad.AnnData, settings: PlatformSettings
+) -> dg.AssetCheckResult:
+    panel = panel_of_sample(spatial_cells, settings.panel_genes, sample_id=context.op_execution_context.partition_key)
+    model_genes = latest_metadata_value(context.instance, CELLTYPE_MODEL, panel.id, MODEL_GENES_METADATA)
+    if model_genes is not None:
+        required, against = [str(g) for g in model_genes], f"celltype_model[{panel.id}]"
+    else:
+        required, against = list(panel.genes), f"panel {panel.id} (no model trained for it yet)"
+    measured = panel_genes(spatial_cells)
+    missing = missing_genes(required, measured)
+    overlap = (len(required) - len(missing)) / max(len(required), 1)
     return dg.AssetCheckResult(
         passed=not missing,
         metadata={
-            "model_genes": len(genes),
-            "genes_in_panel": len(genes) - len(missing),
+            "panel_id": panel.id,
+            "compared_with": against,
+            "required_genes": len(required),
+            "genes_in_sample": len(required) - len(missing),
             "overlap_fraction": float(overlap),
             "missing_genes": ", ".join(missing[:50]),
         },
+        description=None if not missing else f"{len(missing)} gene(s) of {against} not measured: {', '.join(missing[:10])}",
     )
 
 

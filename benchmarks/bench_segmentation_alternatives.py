@@ -1,0 +1,87 @@
+"""The watershed's alternatives, each measured on the development set (the numbers in docs/segmentation.md).
+
+Development set: the real MERSCOPE crop and CosMx FOV (against the vendor's cells) and synthetic
+seeds 1 and 2 (300 µm, against truth). Each line changes one thing from the defaults
+(``WatershedParams()``) and prints F1 / fraction of reference-assigned transcripts on the matched
+cell per sample. Held-out numbers are in ``bench_segmentation.py`` (other synthetic seeds).
+
+Run: ``python benchmarks/bench_segmentation_alternatives.py [--only NAME,...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # sopa's conflict-resolution progress bars
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS: dict[str, dict] = {
+    "defaults": {},
+    "naive global Otsu + 2 µm (issue's reference)": {"threshold": "otsu", "half_max": None, "expansion": "fixed", "expand_um": 2.0},
+    "no half-maximum boundary": {"half_max": None},
+    "fixed 3 µm expansion": {"expansion": "fixed", "expand_um": 3.0},
+    "fixed 6 µm expansion": {"expansion": "fixed", "expand_um": 6.0},
+    "adaptive up to 9 µm": {"expand_um": 9.0},
+    "adaptive from 0 µm": {"min_expand_um": 0.0},
+    "no cytoplasm stain limit": {"use_cytoplasm_stain": False},
+    "cytoplasm threshold block 16 µm": {"cytoplasm_block_um": 16.0},
+    "h-maxima 0.3 µm": {"h_um": 0.3},
+    "h-maxima 0.6 µm": {"h_um": 0.6},
+    "seeds weighted by intensity": {"seed_intensity_weight": 1.0},
+    "background-subtracted threshold": {"threshold": "background"},
+    "local threshold block 24 µm": {"local_block_um": 24.0},
+    "smoothing 0.4 µm": {"smooth_um": 0.4},
+}
+
+
+def _ids(s):
+    return s.astype(object).where(s.notna(), None).to_numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="variant names separated by ; (default: all)")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("sopa").setLevel(logging.ERROR)
+    from spatial_assets.segmentation.metrics import transcript_agreement
+    from spatial_assets.segmentation.nuclei import WatershedParams
+    from spatial_assets.segmentation.pipeline import segment
+    from spatial_assets.segmentation.readers import read_sample
+    from spatial_assets.segmentation.synthetic import SyntheticSpec, write_merscope_sample
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_alt_")
+    folders = {"merscope": ROOT / "data/raw/merscope_mouse_brain_mini", "cosmx": ROOT / "data/raw/cosmx_lung_mini"}
+    for seed in (1, 2):
+        d = Path(tmp.name) / f"syn{seed}"
+        write_merscope_sample(d, SyntheticSpec(width_um=300, height_um=300, seed=seed))
+        folders[f"syn{seed}"] = d
+    samples = {k: read_sample(v) for k, v in folders.items()}
+    refs = {k: (_ids(s.transcripts["vendor_cell_id"]) if k.startswith("syn") else _ids(segment(s, "vendor").transcripts["cell_id"]))
+            for k, s in samples.items()}
+    wanted = [v.strip() for v in args.only.split(";") if v.strip()] or list(VARIANTS)
+    print("F1 / % of reference-assigned transcripts on the matched cell")
+    for name in wanted:
+        p = replace(WatershedParams(), **VARIANTS[name])
+        cols = []
+        t0 = time.perf_counter()
+        for k, s in samples.items():
+            a = transcript_agreement(_ids(segment(s, "watershed", params=p).transcripts["cell_id"]), refs[k])
+            cols.append(f"{k} {a.f1:.3f}/{a.matched_transcript_fraction:.1%}")
+        print(f"{name:45s} " + "  ".join(cols) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
