@@ -47,7 +47,7 @@ from spatial_assets.deconvolution import (
 from spatial_assets.deconvolution.counts import spot_counts
 from spatial_assets.deconvolution.spots import SPOT_UNS, VISIUM, VISIUM_HD_BIN
 from spatial_assets.platform.panels import Panel
-from spatial_assets.platform.registry import H5AD, LandedSample
+from spatial_assets.platform.registry import H5AD, LandedSample, prefix_uri
 
 #: where spot-level samples land (a sibling of the cell samples' ``landing/samples/``)
 SPOT_LANDING_PREFIX = "landing/spots/"
@@ -87,7 +87,7 @@ def read_landed_spots(store: Any, landed: LandedSample, *, bin_size_um: int = 8)
     from spatial_assets.segmentation.visium_hd import read_visium_hd_bins
 
     root = _common_root(landed)
-    uri = store.uri(root)
+    uri = prefix_uri(store, root)
     with tempfile.TemporaryDirectory(prefix="spots_") as tmp:
         for key in landed.keys:
             local = Path(tmp) / key[len(root) :].lstrip("/")
