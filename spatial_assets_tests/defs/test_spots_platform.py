@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from spatial_assets.celltyping.ontology import apply_ontology
 from spatial_assets.celltyping.pipeline import POA_LABEL_MAP
 from spatial_assets.deconvolution import PROPORTIONS_KEY, check_proportions
 from spatial_assets.deconvolution.synthetic import TRUTH_KEY, cell_spacing, pseudo_spots, undo_per_cell_scaling
@@ -32,6 +33,7 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 GOOD, BAD, SECOND = "poa_spots", "poa_spots_bad", "poa_spots_b"
+PLACEHOLDERS = ["Ambiguous", "Unstable"]  # as in the benchmark's case (a)
 SPOT_ASSETS = ("spot_sample", "spot_deconvolution", "spot_domains", "spot_domain_composition")
 
 
@@ -69,7 +71,7 @@ def spots_platform(s3_settings, tmp_path_factory):
         p.empty_skips = dict(p.daemon.skips)
         ref = ad.read_h5ad(REF)
         p.write_reference(ref, tmp)
-        entry = ReferenceEntry(id="poa", uri=p.store.uri(REF_URI_KEY), label_column="cell_type")
+        entry = ReferenceEntry(id="poa", uri=p.store.uri(REF_URI_KEY), label_column="cell_type", placeholder_labels=PLACEHOLDERS)
         register_reference(p.store, entry, s3_settings=p.storage.s3_settings())
         merfish = ad.read_h5ad(MERFISH)
         slices = sorted(merfish.obs["Bregma"].unique())
@@ -87,12 +89,20 @@ def spots_platform(s3_settings, tmp_path_factory):
         yield p
 
 
+def _ontology_table() -> pd.DataFrame:
+    """The reference's labels as the training set harmonises them (label → cell_type name, CL id)."""
+    _, table = apply_ontology(ad.read_h5ad(REF), label_column="cell_type")
+    return table[~table["label"].isin(PLACEHOLDERS)]
+
+
 def _mean_r(pred: pd.DataFrame, truth: pd.DataFrame) -> float:
     """Mean per-spot Pearson r in the MERFISH classes (scRNA labels mapped with the data/README.md map)."""
+    original = dict(zip(_ontology_table()["cell_type"], _ontology_table()["label"]))
     Q = pd.DataFrame(0.0, index=pred.index, columns=list(truth.columns) + ["<none>"])
-    for lab in pred.columns:
+    for name in pred.columns:
+        lab = original[name]
         target = POA_LABEL_MAP.get(lab, lab)
-        Q[target if target in Q.columns else "<none>"] += pred[lab]
+        Q[target if target in Q.columns else "<none>"] += pred[name]
     P, T = Q.to_numpy(), truth.reindex(columns=Q.columns, fill_value=0.0).loc[pred.index].to_numpy()
     Pc, Tc = P - P.mean(1, keepdims=True), T - T.mean(1, keepdims=True)
     return float(np.nanmean((Pc * Tc).sum(1) / np.sqrt((Pc**2).sum(1) * (Tc**2).sum(1))))
@@ -114,14 +124,17 @@ def test_spot_sample_flows_to_deconvolution_with_the_check_passing(spots_platfor
     assert meta["spot_kind"] == "visium_hd_bin" and meta["bin_size_um"] == pytest.approx(truth.uns["spot"]["bin_size_um"])
     assert meta["n_spots"] == truth.n_obs
     assert not p.counts("spatial_cells") and not p.counts("cell_type_annotations") and not p.counts("training_set")
-    # proportions: one column per reference label (placeholders left out), rows sum to 1, CL ids recorded
+    # proportions: one column per reference label as the training set names it (placeholders left out),
+    # rows sum to 1, each label's CL id recorded
     out = p.stored("spot_deconvolution", GOOD)
     props = out.obsm[PROPORTIONS_KEY]
-    ref_labels = set(ad.read_h5ad(REF).obs["cell_type"].astype(str)) - {"Ambiguous", "Unstable"}
-    assert set(props.columns) == ref_labels
+    table = _ontology_table()
+    ref_labels = set(table["cell_type"])
+    assert set(props.columns) == ref_labels and len(ref_labels) == 12
     assert check_proportions(out).passed
     labels = out.uns["deconvolution"]["labels"]
-    assert all(str(i).startswith("CL:") for i in labels["ontology_term_id"])
+    assert dict(zip(labels["label"], labels["ontology_term_id"])) == dict(zip(table["cell_type"], table["ontology_term_id"]))
+    assert sum(str(i).startswith("CL:") for i in labels["ontology_term_id"]) >= 10
     assert {"dominant_cell_type", "dominant_cell_type_ontology_term_id", "deconvolution_residual"} <= set(out.obs.columns)
     assert out.uns["deconvolution"]["method"] == "platform_nb"
     # the reference cells were balanced as for training (Cap & Fill record of the training set)
@@ -138,7 +151,7 @@ def test_spot_sample_flows_to_deconvolution_with_the_check_passing(spots_platfor
     dmeta = p.latest_metadata("spot_deconvolution", GOOD)
     for name in ("dominant_type", "proportion_maps"):
         assert f"plot_{name}" in dmeta and "data:image/png;base64," in dmeta[f"plot_{name}"]
-        assert p.store.exists(f"assets/spot_deconvolution/{GOOD}.h5ad.plots/{name}.png")
+        assert p.store.exists(f"assets/spot_deconvolution/{GOOD}.plots/{name}.png")
 
 
 def test_spot_domains_use_the_grid_and_the_proportions(spots_platform):
@@ -164,7 +177,11 @@ def test_bad_spot_sample_fails_alone(spots_platform):
     bad = [r for r in p.initial_runs if r.partition == BAD]
     assert [(r.job, r.success) for r in bad] == [("spot_samples_job", False)]
     events = p.instance.all_logs(bad[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
-    message = events[0].dagster_event.event_specific_data.error.message
+    error, messages = events[0].dagster_event.event_specific_data.error, []
+    while error is not None:  # Dagster wraps the asset's exception: read down the cause chain
+        messages.append(error.message)
+        error = error.cause
+    message = " ".join(messages)
     assert "poa_spots_bad.h5ad" in message and "non-integer" in message
     for key in SPOT_ASSETS:
         assert BAD not in p.counts(key), key

@@ -17,6 +17,7 @@ import dagster as dg
 import pandas as pd
 
 from spatial_assets.core.lineage import library_versions
+from spatial_assets.deconvolution import DOMINANT_PROPORTION, RESIDUAL
 from spatial_assets.defs.automation import PANEL_ID_METADATA, downstream_of_checked, on_upstream_change
 from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
@@ -122,8 +123,8 @@ def spot_deconvolution(
             "n_spots_fitted": int(info["n_spots_fitted"]),
             "n_genes_used": len(info["genes"]),
             "n_classes": len(labels),
-            "mean_residual": float(out.obs["deconvolution_residual"].mean()),
-            "mean_dominant_proportion": float(out.obs["dominant_proportion"].mean()),
+            "mean_residual": float(out.obs[RESIDUAL].mean()),
+            "mean_dominant_proportion": float(out.obs[DOMINANT_PROPORTION].mean()),
             "panel_id": panel.id,
             "spot_sample_content_sha256": str(spot_sample.uns.get("content_sha256", "")),
             "reference_content_sha256": tset.uns["content_sha256"],
