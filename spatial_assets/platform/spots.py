@@ -88,11 +88,14 @@ def read_landed_spots(store: Any, landed: LandedSample, *, bin_size_um: int = 8)
 
     root = _common_root(landed)
     uri = prefix_uri(store, root)
+    wanted = f"binned_outputs/square_{int(bin_size_um):03d}um/"
     with tempfile.TemporaryDirectory(prefix="spots_") as tmp:
         for key in landed.keys:
-            local = Path(tmp) / key[len(root) :].lstrip("/")
+            rel = key[len(root) :].lstrip("/")
+            local = Path(tmp) / rel
             local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(Path(store.get_file(key)).read_bytes())
+            if rel.startswith(wanted):  # only the chosen bin size (the 2 µm matrix alone can be GBs)
+                local.write_bytes(Path(store.get_file(key)).read_bytes())
         try:
             bins = read_visium_hd_bins(tmp, bin_size_um=int(bin_size_um))
         except Exception as exc:

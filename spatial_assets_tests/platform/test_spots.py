@@ -90,7 +90,7 @@ def test_a_visium_hd_folder_is_read_at_the_configured_bin_size(tmp_path: Path) -
     assert uri.endswith("landing/spots/hd2/")
     assert spot_size(raw)["kind"] == "visium_hd_bin" and spot_size(raw)["bin_size_um"] == 8.0
     assert raw.n_obs == int((raw.obs["in_tissue"] == 1).sum()) > 0
-    with pytest.raises(SpotSampleError, match=r"hd2/: not a readable Visium HD output at 16 µm"):
+    with pytest.raises(SpotSampleError, match=r"hd2/: not a readable Visium HD output at 16 µm.*present: \[.square_008um.\]"):
         read_landed_spots(store, _landed(store, "hd2"), bin_size_um=16)
 
 
