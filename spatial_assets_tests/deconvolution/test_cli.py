@@ -65,6 +65,27 @@ def test_cli_bad_input_exits_2_and_writes_nothing(files, tmp_path: Path, capsys:
     argv = ["deconvolve", "--reference", str(other_path), "--label-column", "cell_type", "--out", str(out), "--spatial", str(sp_path)]
     assert main(argv) == EXIT_BAD_INPUT
     assert "shares no gene" in capsys.readouterr().err
+    # a non-integer count
+    frac = ad.read_h5ad(sp_path)
+    X = frac.X.toarray()
+    X[2, 1] += 0.25
+    frac.X = sp.csr_matrix(X)
+    frac_path = tmp_path / "frac_spots.h5ad"
+    frac.write_h5ad(frac_path)
+    assert main(base + ["--spatial", str(frac_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "frac_spots.h5ad" in err and "non-integer" in err
+    # a reference class with fewer than 5 cells, named
+    tiny = ad.read_h5ad(ref_path)
+    first = tiny.obs["cell_type"].astype(str).to_numpy()
+    keep = np.ones(tiny.n_obs, bool)
+    keep[np.flatnonzero(first == "Microglia")[4:]] = False
+    tiny_path = tmp_path / "tiny_ref.h5ad"
+    tiny[keep].copy().write_h5ad(tiny_path)
+    argv = ["deconvolve", "--reference", str(tiny_path), "--label-column", "cell_type", "--out", str(out), "--spatial", str(sp_path)]
+    assert main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Microglia" in err and "4 cells" in err
     assert main(base + ["--spatial", str(tmp_path / "missing.h5ad")]) == EXIT_BAD_INPUT
     assert not out.exists() and not out.parent.exists() or not any(out.parent.iterdir())
 
