@@ -41,14 +41,11 @@ class PlatformSettings(dg.ConfigurableResource):
     domain_signatures: str = "mouse_brain"  # bundled signature set name, or a YAML path
     island_min_size: int = 10  # connected patches of fewer cells are flagged obs['is_island']
     exclude_islands: bool = False  # True: islands get no domain (NaN) instead of the model's call
-<<<<<<< HEAD
     svg_n_top: int = 2000  # spatially_variable_genes: the n highest Moran's I genes are flagged (as the domain engine selects)
-=======
     # spot-level samples (Visium spots, Visium HD bins)
     spot_landing_prefix: str = SPOT_LANDING_PREFIX
     spot_bin_size_um: int = 8  # the bin size read from a landed SpaceRanger Visium HD folder (2, 8 or 16)
     deconvolution_method: str = "platform_nb"  # platform_nb | rctd | flashdeconv | nnls (deconvolution.METHODS)
->>>>>>> deconv
 
 
 def settings_from_env() -> PlatformSettings:
