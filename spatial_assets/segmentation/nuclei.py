@@ -49,10 +49,16 @@ class WatershedParams:
     #: seeds and watershed on distance x (intensity / local peak) ** weight (0 = distance only)
     seed_intensity_weight: float = 0.0
     half_max: float | None = 0.5
+    #: the nucleus's plateau level for the half-maximum boundary: this percentile of its intensity
+    plateau_percentile: float = 95.0
     expansion: Literal["adaptive", "fixed"] = "adaptive"
     expand_um: float = 6.0
     min_expand_um: float = 2.0
     ring_um: float = 0.5
+    #: density a cell's edge is detected against: 'global' = the patch's background (empty space);
+    #: 'local' = each cell's own density beyond its edge (fitted, at least the patch's background)
+    expansion_background: Literal["global", "local"] = "global"
+    edge_bic: float = 2.0
     min_cell_transcripts: int = 8
     use_cytoplasm_stain: bool = True
     #: block of the cytoplasm stain's local threshold (None: ``local_block_um``)
@@ -175,7 +181,7 @@ def _half_max(lab: np.ndarray, sm: np.ndarray, p: float, params: WatershedParams
     from skimage import measure, segmentation
 
     n = int(lab.max())
-    peak = _label_percentile(sm, lab, n, 95, 0.0)
+    peak = _label_percentile(sm, lab, n, params.plateau_percentile, 0.0)
     ring = segmentation.expand_labels(lab, distance=params.nucleus_diameter_um / 2 / p)
     ring[lab > 0] = 0
     bg = _label_percentile(sm, ring, n, 10, float(np.percentile(sm, 5)))
@@ -233,8 +239,22 @@ def _adaptive_expand(nuc: np.ndarray, p: float, params: WatershedParams, tx_rc, 
         cn, ca = np.cumsum(cnt[1:], 1), np.cumsum(area[1:], 1)
         totn, tota = cn[:, -1:], ca[:, -1:]
         lam = np.maximum(cn / np.maximum(ca, 1e-9), bg)
-        ll = cn * np.log(lam) - lam * ca + (totn - cn) * np.log(bg) - bg * (tota - ca)
+        if params.expansion_background == "local":
+            # each cell's own outer level (the density beyond its edge), at least the slide's background
+            on, oa = totn - cn, tota - ca
+            lam_out = np.clip(on / np.maximum(oa, 1e-9), bg, lam)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ll = cn * np.log(lam) - lam * ca + np.where(on > 0, on * np.log(lam_out), 0.0) - lam_out * oa
+        else:
+            ll = cn * np.log(lam) - lam * ca + (totn - cn) * np.log(bg) - bg * (tota - ca)
         R = (ll.argmax(1) + 1) * step
+        if params.expansion_background == "local":
+            # an edge only where two levels explain the rings better than one (BIC: two extra
+            # parameters, the outer level and the change point); otherwise the cell fills its range
+            lam1 = np.maximum(totn / np.maximum(tota, 1e-9), 1e-9)
+            ll1 = (totn * np.log(lam1) - lam1 * tota)[:, 0]
+            weak = 2 * (ll.max(1) - ll1) < params.edge_bic * np.log(np.maximum(totn[:, 0], 2))
+            R[weak] = K * step
         few = totn[:, 0] < params.min_cell_transcripts
         if (~few).any():
             R[few] = np.median(R[~few])
