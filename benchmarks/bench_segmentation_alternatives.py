@@ -41,6 +41,21 @@ VARIANTS: dict[str, dict] = {
     "background-subtracted threshold": {"threshold": "background"},
     "local threshold block 24 µm": {"local_block_um": 24.0},
     "smoothing 0.4 µm": {"smooth_um": 0.4},
+    "expansion edge against each cell's local outer density": {"expansion_background": "local"},
+    "half-maximum plateau at the 90th percentile": {"plateau_percentile": 90.0},
+    "half-maximum plateau at the 99th percentile": {"plateau_percentile": 99.0},
+    "seeds: intensity h-maxima (0.1 contrast)": {"seed_source": "intensity"},
+    "seeds: intensity h-maxima (0.05 contrast)": {"seed_source": "intensity", "seed_intensity_h": 0.05},
+    "seeds: intensity h-maxima (0.2 contrast)": {"seed_source": "intensity", "seed_intensity_h": 0.2},
+    "seeds: distance + intensity landscape": {"seed_source": "both"},
+    "h 0.2 µm + merge convex pieces (solidity 0.90)": {"h_um": 0.2, "merge_solidity": 0.90},
+    "h 0.2 µm + merge convex pieces (solidity 0.85)": {"h_um": 0.2, "merge_solidity": 0.85},
+    "h 0.2 µm + merge convex pieces (solidity 0.93)": {"h_um": 0.2, "merge_solidity": 0.93},
+    "h 0.45 µm + merge convex pieces (solidity 0.90)": {"merge_solidity": 0.90},
+    "re-split objects > 2x median area (distance, h/3)": {"split_area_ratio": 2.0},
+    "re-split objects > 2x median area (stain, 0.33 contrast)": {"split_area_ratio": 2.0, "split_source": "intensity"},
+    "re-split objects > 2x median area (stain, 0.15 contrast)": {"split_area_ratio": 2.0, "split_source": "intensity", "split_h_fraction": 0.15},
+    "re-split objects > 1.5x median area (stain, 0.33 contrast)": {"split_area_ratio": 1.5, "split_source": "intensity"},
 }
 
 

@@ -48,6 +48,20 @@ class WatershedParams:
     min_nucleus_area_um2: float = 7.5
     #: seeds and watershed on distance x (intensity / local peak) ** weight (0 = distance only)
     seed_intensity_weight: float = 0.0
+    #: where seeds come from: 'distance' (h-maxima of the smoothed distance transform) or
+    #: 'intensity' (h-maxima of the stain smoothed at a quarter of a nucleus, depth a fraction of
+    #: the image's foreground contrast: splits touching nuclei along their darker neck)
+    seed_source: Literal["distance", "intensity", "both"] = "distance"
+    seed_intensity_h: float = 0.1
+    #: over-split then merge: neighbouring watershed pieces are merged while their union is convex
+    #: (solidity >= this; None = off) — a nucleus is convex, two touching nuclei are not
+    merge_solidity: float | None = None
+    #: objects larger than this multiple of the image's own median nucleus area are re-split
+    #: (None = off) with seeds ``split_h_fraction`` as deep, from ``split_source``
+    split_area_ratio: float | None = None
+    split_h_fraction: float = 0.33
+    split_source: Literal["distance", "intensity"] = "distance"
+    seed_intensity_sigma: float = 0.25
     half_max: float | None = 0.5
     #: the nucleus's plateau level for the half-maximum boundary: this percentile of its intensity
     plateau_percentile: float = 95.0
@@ -163,8 +177,26 @@ def segment_nuclei(img: np.ndarray, p: float, params: WatershedParams) -> np.nda
         peak = ndi.maximum_filter(sm, size=max(int(2 * r), 3))
         rel = np.clip(sm / np.maximum(peak, 1e-9), 0, 1)
         dist = dist * rel ** params.seed_intensity_weight
-    markers = measure.label(h_maxima(dist, params.h_um / p) & fg)
-    lab = segmentation.watershed(-dist, markers, mask=fg).astype(np.int32)
+    if params.seed_source == "distance":
+        markers = measure.label(h_maxima(dist, params.h_um / p) & fg)
+        lab = segmentation.watershed(-dist, markers, mask=fg).astype(np.int32)
+    else:
+        smi = filters.gaussian(img, sigma=max(params.seed_intensity_sigma * 2 * r, 0.5), preserve_range=True)
+        lo, hi = np.percentile(smi[fg], [5, 95])
+        pk = h_maxima(smi, params.seed_intensity_h * max(hi - lo, 1e-9)) & fg
+        if params.seed_source == "both":
+            # an intensity peak splits a distance body only when both say there are several
+            land = dist / max(r, 1e-9) + (smi - lo) / max(hi - lo, 1e-9)
+            pk = h_maxima(land, params.seed_intensity_h + params.h_um / p / max(r, 1e-9)) & fg
+            markers = measure.label(pk)
+            lab = segmentation.watershed(-land, markers, mask=fg).astype(np.int32)
+        else:
+            markers = measure.label(pk)
+            lab = segmentation.watershed(-smi, markers, mask=fg).astype(np.int32)
+    if params.split_area_ratio is not None and lab.max() > 1:
+        lab = split_large(lab, sm, p, params)
+    if params.merge_solidity is not None and lab.max() > 1:
+        lab = merge_convex_pieces(lab, params.merge_solidity)
     if params.half_max is not None and lab.max() > 0:
         lab = _half_max(lab, sm, p, params)
     # drop fragments left below the minimum size, renumber 1..n
@@ -174,6 +206,128 @@ def segment_nuclei(img: np.ndarray, p: float, params: WatershedParams) -> np.nda
     lab[small[lab]] = 0
     lab, _, _ = segmentation.relabel_sequential(lab)
     return lab.astype(np.int32)
+
+
+def split_large(lab: np.ndarray, sm: np.ndarray, p: float, params: WatershedParams) -> np.ndarray:
+    """Re-split objects far larger than this image's typical nucleus (its median object area).
+
+    The seed depth ``h_um`` is one value for the whole image; an object several times the median
+    nucleus area of the same image is most often touching nuclei whose neck was too shallow for it.
+    Such an object alone is re-seeded with shallower seeds (its own distance transform, or its
+    smoothed stain: a dimmer neck) and split when that gives several pieces.
+    """
+    from skimage import filters, measure, segmentation
+
+    sizes = np.bincount(lab.ravel())[1:]
+    sizes_pos = sizes[sizes > 0]
+    if sizes_pos.size < 5:
+        return lab
+    med = float(np.median(sizes_pos))
+    big = np.nonzero(sizes > params.split_area_ratio * med)[0] + 1
+    if big.size == 0:
+        return lab
+    out = lab.copy()
+    nxt = int(lab.max()) + 1
+    r = params.nucleus_diameter_um / 2 / p
+    objs = ndi.find_objects(lab)
+    for i in big:
+        slc = objs[i - 1]
+        if slc is None:
+            continue
+        slc = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in slc)
+        m = lab[slc] == i
+        if params.split_source == "intensity":
+            land = filters.gaussian(sm[slc], sigma=max(r / 4, 0.5), preserve_range=True)
+            lo, hi = np.percentile(land[m], [5, 95])
+            h = params.split_h_fraction * max(hi - lo, 1e-9)
+        else:
+            land = filters.gaussian(ndi.distance_transform_edt(m), sigma=max(r / 4, 0.5), preserve_range=True)
+            h = params.split_h_fraction * params.h_um / p
+        mk = measure.label(h_maxima(land, h) & m)
+        if mk.max() < 2:
+            continue
+        sub = segmentation.watershed(-land, mk, mask=m)
+        region = out[slc]
+        for k in range(2, int(sub.max()) + 1):
+            region[sub == k] = nxt
+            nxt += 1
+    return out
+
+
+def _hull_area(rows: np.ndarray, cols: np.ndarray) -> float:
+    """Pixels inside the convex hull of a set of pixels (``skimage``'s discretisation: 1 for a disk)."""
+    from skimage.morphology import convex_hull_image
+
+    r0, c0 = rows.min(), cols.min()
+    img = np.zeros((rows.max() - r0 + 1, cols.max() - c0 + 1), bool)
+    img[rows - r0, cols - c0] = True
+    try:
+        return float(convex_hull_image(img).sum())
+    except Exception:  # degenerate (a line of pixels)
+        return float(rows.size)
+
+
+def merge_convex_pieces(lab: np.ndarray, min_solidity: float) -> np.ndarray:
+    """Merge touching labels while the union of a pair is convex (solidity >= ``min_solidity``).
+
+    The watershed is run with shallow seeds, which splits touching nuclei at their neck but also
+    cuts some single nuclei (elongated or textured) in two. A single nucleus is close to convex and
+    two touching ones are not, so pieces are merged back, best union first, while the union's area
+    over its convex hull's area stays at least ``min_solidity``.
+    """
+    lab = lab.copy()
+    n = int(lab.max())
+    # touching pairs (4-connectivity) and the pixels of each label
+    a = np.concatenate([lab[:, :-1].ravel(), lab[:-1, :].ravel()])
+    b = np.concatenate([lab[:, 1:].ravel(), lab[1:, :].ravel()])
+    m = (a > 0) & (b > 0) & (a != b)
+    if not m.any():
+        return lab
+    pairs = {(int(min(x, y)), int(max(x, y))) for x, y in zip(a[m], b[m])}
+    objs = ndi.find_objects(lab)
+    pix: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for i, slc in enumerate(objs, start=1):
+        if slc is None:
+            continue
+        rr, cc = np.nonzero(lab[slc] == i)
+        pix[i] = (rr + slc[0].start, cc + slc[1].start)
+    nbrs: dict[int, set[int]] = {i: set() for i in pix}
+    for x, y in pairs:
+        nbrs[x].add(y)
+        nbrs[y].add(x)
+
+    def solidity(x: int, y: int) -> float:
+        r = np.concatenate([pix[x][0], pix[y][0]])
+        c = np.concatenate([pix[x][1], pix[y][1]])
+        return r.size / _hull_area(r, c)
+
+    score = {pq: solidity(*pq) for pq in pairs}
+    parent = np.arange(n + 1)
+    while score:
+        (x, y), best = max(score.items(), key=lambda kv: kv[1])
+        if best < min_solidity:
+            break
+        # merge y into x
+        parent[y] = x
+        pix[x] = (np.concatenate([pix[x][0], pix[y][0]]), np.concatenate([pix[x][1], pix[y][1]]))
+        del pix[y]
+        for z in nbrs.pop(y):
+            nbrs[z].discard(y)
+            if z != x:
+                nbrs[z].add(x)
+                nbrs[x].add(z)
+        nbrs[x].discard(y)
+        nbrs[x].discard(x)
+        score = {pq: v for pq, v in score.items() if x not in pq and y not in pq}
+        for z in nbrs[x]:
+            score[(min(x, z), max(x, z))] = solidity(x, z)
+    # resolve chains of merges
+    for i in range(1, n + 1):
+        r = i
+        while parent[r] != r:
+            r = parent[r]
+        parent[i] = r
+    return parent[lab].astype(np.int32)
 
 
 def _half_max(lab: np.ndarray, sm: np.ndarray, p: float, params: WatershedParams) -> np.ndarray:
