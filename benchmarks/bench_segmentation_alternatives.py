@@ -27,12 +27,17 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS: dict[str, dict] = {
     "defaults": {},
+    "previous defaults (h-maxima 0.45 µm, no re-split)": {"h_um": 0.45, "split_area_ratio": None},
+    "no re-split of large objects (h-maxima 0.6 µm alone)": {"split_area_ratio": None},
     "naive global Otsu + 2 µm (issue's reference)": {"threshold": "otsu", "half_max": None, "expansion": "fixed", "expand_um": 2.0},
     "no half-maximum boundary": {"half_max": None},
     "fixed 3 µm expansion": {"expansion": "fixed", "expand_um": 3.0},
     "fixed 6 µm expansion": {"expansion": "fixed", "expand_um": 6.0},
     "adaptive up to 9 µm": {"expand_um": 9.0},
     "adaptive from 0 µm": {"min_expand_um": 0.0},
+    "adaptive up to 4 µm": {"expand_um": 4.0},
+    "adaptive up to 5 µm": {"expand_um": 5.0},
+    "adaptive rings 1 µm": {"ring_um": 1.0},
     "no cytoplasm stain limit": {"use_cytoplasm_stain": False},
     "cytoplasm threshold block 16 µm": {"cytoplasm_block_um": 16.0},
     "h-maxima 0.3 µm": {"h_um": 0.3},
@@ -56,6 +61,15 @@ VARIANTS: dict[str, dict] = {
     "re-split objects > 2x median area (stain, 0.33 contrast)": {"split_area_ratio": 2.0, "split_source": "intensity"},
     "re-split objects > 2x median area (stain, 0.15 contrast)": {"split_area_ratio": 2.0, "split_source": "intensity", "split_h_fraction": 0.15},
     "re-split objects > 1.5x median area (stain, 0.33 contrast)": {"split_area_ratio": 1.5, "split_source": "intensity"},
+    "re-split objects > 1x median area (stain, 0.10 contrast)": {"split_area_ratio": 1.0, "split_source": "intensity", "split_h_fraction": 0.10},
+    "re-split objects > 1x median area (stain, 0.05 contrast)": {"split_area_ratio": 1.0, "split_source": "intensity", "split_h_fraction": 0.05},
+    "re-split objects > 1x median area (distance, h/2)": {"split_area_ratio": 1.0, "split_h_fraction": 0.5},
+    "h 0.6 µm + re-split objects > 2x median area (distance, h/2)": {"h_um": 0.6, "split_area_ratio": 2.0, "split_h_fraction": 0.5},
+    "h 0.6 µm + re-split objects > 1.5x median area (distance, h/2)": {"h_um": 0.6, "split_area_ratio": 1.5, "split_h_fraction": 0.5},
+    "h 0.6 µm + re-split objects > 1.25x median area (distance, h/2)": {"h_um": 0.6, "split_area_ratio": 1.25, "split_h_fraction": 0.5},
+    "h 0.6 µm + re-split objects > 1.5x median area (distance, h/3)": {"h_um": 0.6, "split_area_ratio": 1.5, "split_h_fraction": 0.33},
+    "h 0.6 µm + re-split objects > 1.5x median area (distance, 3h/4)": {"h_um": 0.6, "split_area_ratio": 1.5, "split_h_fraction": 0.75},
+    "h 0.75 µm + re-split objects > 1.5x median area (distance, h/2)": {"h_um": 0.75, "split_area_ratio": 1.5, "split_h_fraction": 0.5},
 }
 
 

@@ -15,7 +15,11 @@ Steps, and why each is there (measured in ``docs/segmentation.md``):
 3. Seeds = h-maxima (``h_um``, in µm of depth) of the *smoothed* distance transform: one seed per
    convex body, so touching nuclei separate along their neck but a nucleus is not shattered by its
    texture.
-4. Seeded watershed on the smoothed distance, within the foreground.
+4. Seeded watershed on the smoothed distance, within the foreground; then every object larger
+   than ``split_area_ratio`` × this image's own median object area is re-seeded alone with
+   seeds ``split_h_fraction`` as deep (:func:`split_large`): the deep seeds keep single
+   (elongated, textured) nuclei whole, the shallow re-seeding separates touching nuclei, and which
+   objects get it is decided by the image's own nucleus size, not by a constant in µm².
 5. Per-nucleus half-maximum boundary: each nucleus keeps the pixels above
    ``background + half_max · (peak − background)`` with its *own* peak and its surrounding
    background, so a blurred image does not inflate bright nuclei and dim nuclei keep their size.
@@ -44,7 +48,7 @@ class WatershedParams:
     #: 'background': foreground = above this fraction of Otsu on the background-subtracted image
     background_fraction: float = 0.5
     local_block_um: float = 16.0
-    h_um: float = 0.45
+    h_um: float = 0.6
     min_nucleus_area_um2: float = 7.5
     #: seeds and watershed on distance x (intensity / local peak) ** weight (0 = distance only)
     seed_intensity_weight: float = 0.0
@@ -58,8 +62,8 @@ class WatershedParams:
     merge_solidity: float | None = None
     #: objects larger than this multiple of the image's own median nucleus area are re-split
     #: (None = off) with seeds ``split_h_fraction`` as deep, from ``split_source``
-    split_area_ratio: float | None = None
-    split_h_fraction: float = 0.33
+    split_area_ratio: float | None = 1.5
+    split_h_fraction: float = 0.5
     split_source: Literal["distance", "intensity"] = "distance"
     seed_intensity_sigma: float = 0.25
     half_max: float | None = 0.5
@@ -86,7 +90,8 @@ class WatershedParams:
 
 
 #: the naive reference of the issue: global Otsu + distance watershed + 2 µm fixed expansion
-NAIVE_OTSU = WatershedParams(threshold="otsu", half_max=None, expansion="fixed", expand_um=2.0, h_um=0.45)
+NAIVE_OTSU = WatershedParams(threshold="otsu", half_max=None, expansion="fixed", expand_um=2.0, h_um=0.45,
+                             split_area_ratio=None)
 
 
 def _downsample(img: np.ndarray, f: int) -> np.ndarray:
