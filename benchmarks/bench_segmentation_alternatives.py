@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "adaptive up to 5 µm": {"expand_um": 5.0},
     "adaptive rings 1 µm": {"ring_um": 1.0},
     "no cytoplasm stain limit": {"use_cytoplasm_stain": False},
+    "cytoplasm stain limits only the cells that take it": {"cytoplasm_scope": "stained_cells"},
     "cytoplasm threshold block 16 µm": {"cytoplasm_block_um": 16.0},
     "h-maxima 0.3 µm": {"h_um": 0.3},
     "h-maxima 0.6 µm": {"h_um": 0.6},

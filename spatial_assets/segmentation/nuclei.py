@@ -84,6 +84,10 @@ class WatershedParams:
     #: neighbours, not with the neighbours (16 µm: MERSCOPE F1 0.613 / 67.6 %; 32 µm: 0.607 / 71.6 %,
     #: bench_segmentation_alternatives.py)
     cytoplasm_block_um: float | None = 32.0
+    #: 'everywhere': every cell stops where the cytoplasm stain does (a stain all cells take, PolyT);
+    #: 'stained_cells': only cells whose territory is mostly above the stain's Otsu level (a marker
+    #: some cells take, e.g. a CosMx composite's PanCK channel); the others expand as without it
+    cytoplasm_scope: Literal["everywhere", "stained_cells"] = "everywhere"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -424,6 +428,21 @@ def _adaptive_expand(nuc: np.ndarray, p: float, params: WatershedParams, tx_rc, 
     return cells.astype(np.int32)
 
 
+def _stained_cells_only(allowed: np.ndarray, cyto: np.ndarray, nuc: np.ndarray, p: float, params: WatershedParams) -> np.ndarray:
+    """Limit only the cells that take the stain: elsewhere every pixel stays allowed."""
+    from skimage import filters, segmentation
+
+    terr = segmentation.expand_labels(nuc, distance=params.expand_um / p)
+    if float(cyto.max()) <= float(cyto.min()):
+        return np.ones_like(allowed)
+    pos = cyto > filters.threshold_otsu(cyto)
+    n = int(terr.max())
+    frac = np.bincount(terr.ravel(), weights=pos.ravel(), minlength=n + 1) / np.maximum(np.bincount(terr.ravel(), minlength=n + 1), 1)
+    stained = frac >= 0.5
+    stained[0] = False
+    return allowed | ~stained[terr]
+
+
 def cytoplasm_mask(img: np.ndarray, p: float, params: WatershedParams) -> np.ndarray:
     """Where a cytoplasm stain is above its local level (the cells' extent on that stain)."""
     from skimage import filters
@@ -457,7 +476,10 @@ def segment_patch(
     nuc = segment_nuclei(small, p, params)
     allowed = None
     if cytoplasm is not None and params.use_cytoplasm_stain:
-        allowed = cytoplasm_mask(_downsample(cytoplasm, f), p, params)
+        cyto_small = _downsample(cytoplasm, f)
+        allowed = cytoplasm_mask(cyto_small, p, params)
+        if params.cytoplasm_scope == "stained_cells" and nuc.max() > 0:
+            allowed = _stained_cells_only(allowed, cyto_small, nuc, p, params)
     if params.expansion == "fixed" or transcripts_rc is None:
         cells = segmentation.expand_labels(nuc, distance=params.expand_um / p)
         if allowed is not None:
