@@ -81,6 +81,7 @@ def _ids(s):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="", help="variant names separated by ; (default: all)")
+    ap.add_argument("--cosmx-cytoplasm", default="", help="use this CosMx composite channel (R or G) as the cytoplasm stain")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("sopa").setLevel(logging.ERROR)
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         write_merscope_sample(d, SyntheticSpec(width_um=300, height_um=300, seed=seed))
         folders[f"syn{seed}"] = d
     samples = {k: read_sample(v) for k, v in folders.items()}
+    if args.cosmx_cytoplasm:
+        samples["cosmx"].image.cytoplasm_channel = args.cosmx_cytoplasm
     refs = {k: (_ids(s.transcripts["vendor_cell_id"]) if k.startswith("syn") else _ids(segment(s, "vendor").transcripts["cell_id"]))
             for k, s in samples.items()}
     wanted = [v.strip() for v in args.only.split(";") if v.strip()] or list(VARIANTS)

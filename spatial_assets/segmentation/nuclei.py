@@ -85,7 +85,7 @@ class WatershedParams:
     #: bench_segmentation_alternatives.py)
     cytoplasm_block_um: float | None = 32.0
     #: 'everywhere': every cell stops where the cytoplasm stain does (a stain all cells take, PolyT);
-    #: 'stained_cells': only cells whose territory is mostly above the stain's Otsu level (a marker
+    #: 'stained_cells': only cells whose perinuclear ring is mostly above the stain's Otsu level (a marker
     #: some cells take, e.g. a CosMx composite's PanCK channel); the others expand as without it
     cytoplasm_scope: Literal["everywhere", "stained_cells"] = "everywhere"
 
@@ -429,17 +429,23 @@ def _adaptive_expand(nuc: np.ndarray, p: float, params: WatershedParams, tx_rc, 
 
 
 def _stained_cells_only(allowed: np.ndarray, cyto: np.ndarray, nuc: np.ndarray, p: float, params: WatershedParams) -> np.ndarray:
-    """Limit only the cells that take the stain: elsewhere every pixel stays allowed."""
+    """Limit only the cells that take the stain: around the others every pixel stays allowed.
+
+    A cell takes the stain when most of the ring just outside its nucleus (``min_expand_um`` wide,
+    where every cell has cytoplasm) is above the stain's Otsu level.
+    """
     from skimage import filters, segmentation
 
-    terr = segmentation.expand_labels(nuc, distance=params.expand_um / p)
     if float(cyto.max()) <= float(cyto.min()):
         return np.ones_like(allowed)
+    ring = segmentation.expand_labels(nuc, distance=max(params.min_expand_um, params.ring_um) / p)
+    ring[nuc > 0] = 0
     pos = cyto > filters.threshold_otsu(cyto)
-    n = int(terr.max())
-    frac = np.bincount(terr.ravel(), weights=pos.ravel(), minlength=n + 1) / np.maximum(np.bincount(terr.ravel(), minlength=n + 1), 1)
+    n = int(nuc.max())
+    frac = np.bincount(ring.ravel(), weights=pos.ravel(), minlength=n + 1) / np.maximum(np.bincount(ring.ravel(), minlength=n + 1), 1)
     stained = frac >= 0.5
     stained[0] = False
+    terr = segmentation.expand_labels(nuc, distance=params.expand_um / p)
     return allowed | ~stained[terr]
 
 
