@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from spatial_assets.segmentation.nuclei import WatershedParams, merge_convex_pieces, segment_patch, split_large
 
@@ -78,3 +79,40 @@ def test_stained_cells_scope_limits_only_cells_that_take_the_stain():
     # the stained left cell stops where its stain does, under both scopes
     for cells in (everywhere, scoped):
         assert not ((cells == left) & ~_disk(shape, 60, 50, 15)).any()  # 12 px stain + smoothing; free growth: 18 px
+
+
+def _disks_image(r_px: int, n_side: int = 6, spacing: int = 40) -> np.ndarray:
+    shape = (n_side * spacing, n_side * spacing)
+    img = np.full(shape, 20.0, np.float32)
+    for i in range(n_side):
+        for j in range(n_side):
+            img[_disk(shape, spacing // 2 + i * spacing, spacing // 2 + j * spacing, r_px)] = 1000.0
+    return img + np.random.default_rng(1).normal(0, 3, shape).astype(np.float32)
+
+
+def test_median_nucleus_diameter_is_measured_and_needs_enough_nuclei():
+    from spatial_assets.segmentation.nuclei import median_nucleus_diameter_um
+
+    lab = np.zeros((200, 200), np.int32)
+    for k in range(25):
+        lab[_disk(lab.shape, 20 + 40 * (k // 5), 20 + 40 * (k % 5), 10)] = k + 1
+    d = median_nucleus_diameter_um(lab, P, 20)
+    assert d == pytest.approx(2 * 10 * P, rel=0.05)
+    assert median_nucleus_diameter_um(lab, P, 26) is None
+
+
+def test_smoothing_follows_the_image_nucleus_size():
+    from spatial_assets.segmentation.nuclei import median_nucleus_diameter_um, segment_nuclei
+
+    params = replace(WatershedParams(), work_pixel_um=P)
+    img = _disks_image(r_px=7)  # ~5.6 µm nuclei: smoothing 0.08 x d, below the fixed 0.64 µm
+    _, nuc = segment_patch(img, P, params, native=False)
+    first = segment_nuclei(img, P, params)
+    d = median_nucleus_diameter_um(first, P, params.min_nuclei_for_scale)
+    assert d is not None and params.smooth_fraction * d < params.smooth_um - 0.02  # the re-run is taken
+    expected = segment_nuclei(img, P, replace(params, smooth_um=params.smooth_fraction * d))
+    assert np.array_equal(nuc, expected)
+    # with the fraction off, the fixed smoothing is used
+    _, fixed = segment_patch(img, P, replace(params, smooth_fraction=None), native=False)
+    assert np.array_equal(fixed, first)
+    assert int(nuc.max()) == 36 and int(fixed.max()) == 36
