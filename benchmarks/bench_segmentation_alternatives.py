@@ -3,7 +3,10 @@
 Development set: the real MERSCOPE crop and CosMx FOV (against the vendor's cells) and synthetic
 seeds 1 and 2 (300 µm, against truth). Each line changes one thing from the defaults
 (``WatershedParams()``) and prints F1 / fraction of reference-assigned transcripts on the matched
-cell per sample. Held-out numbers are in ``bench_segmentation.py`` (other synthetic seeds).
+cell per sample. Lines measured before a later default changed pin the settings they were measured
+with (``smooth_fraction: None``, ``h_um: 0.45`` …), so every line reprints the figure in
+docs/segmentation.md. Held-out numbers are in ``bench_segmentation.py`` (other synthetic seeds).
+``--cosmx-cytoplasm G|R`` gives the CosMx FOV a composite channel as its cytoplasm stain.
 
 Run: ``python benchmarks/bench_segmentation_alternatives.py [--only NAME,...]``
 """
