@@ -57,11 +57,38 @@ class LocalDaemon:
             for req in result.dynamic_partitions_requests or []:
                 if isinstance(req, dg.AddDynamicPartitionsRequest):
                     self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+                elif isinstance(req, dg.DeleteDynamicPartitionsRequest):
+                    for key in req.partition_keys:
+                        self.instance.delete_dynamic_partition(req.partitions_def_name, key)
             if result.cursor is not None:
                 self.cursors[name] = result.cursor
             if not result.run_requests and result.skip_reason is not None:
                 self.skips[name] = result.skip_reason.skip_message or ""
         return result
+
+    def launch_all(self, name: str, request: dg.RunRequest) -> list[LaunchedRun]:
+        """A plain run request is one run; a backfill request (``emit_backfills``) is launched as the
+        backfill daemon would: one run per partition, upstream levels first."""
+        if request.asset_graph_subset is None:
+            return [self.launch(name, request)]
+        graph = self.repo.asset_graph
+        nodes = list(request.asset_graph_subset.iterate_asset_partitions())
+        keys = {n.asset_key for n in nodes}
+        depth: dict[dg.AssetKey, int] = {}
+
+        def level(key: dg.AssetKey) -> int:
+            if key not in depth:
+                parents = [p for p in graph.get(key).parent_keys if p in keys]
+                depth[key] = 1 + max((level(p) for p in parents), default=-1)
+            return depth[key]
+
+        groups: dict[tuple[int, str], list[dg.AssetKey]] = {}
+        for node in nodes:
+            groups.setdefault((level(node.asset_key), node.partition_key or ""), []).append(node.asset_key)
+        return [
+            self.launch(name, dg.RunRequest(partition_key=pk or None, asset_selection=sorted(set(assets)), tags=request.tags))
+            for (_, pk), assets in sorted(groups.items())
+        ]
 
     def launch(self, name: str, request: dg.RunRequest) -> LaunchedRun:
         sensor = self.repo.get_sensor_def(name)
@@ -94,7 +121,7 @@ class LocalDaemon:
                 if isinstance(result, dg.SensorResult):
                     for request in result.run_requests or []:
                         requested += 1
-                        self.launch(name, request)
+                        self.launch_all(name, request)
             if not requested:
                 return self.launched[start:]
         raise AssertionError(f"still requesting runs after {max_rounds} rounds: {self.launched[-5:]}")
