@@ -1,0 +1,151 @@
+"""Which upstream partitions a shared asset may use: the ones that are fit, read from the instance.
+
+A shared asset (``training_set[panel]`` reads every reference; ``domain_model`` reads every
+sample) must not fail for everyone because one input is bad, nor silently train on an input that
+failed its checks. :func:`usable_partitions` therefore splits the upstream partitions into the
+usable ones — the latest materialization attempt succeeded (the instance's partition status is
+MATERIALIZED, not FAILED or IN_PROGRESS) and every *blocking* check of the upstream asset passed
+on that latest materialization — and the skipped ones, each with its reason. The asset loads the
+usable ones itself (``context.load_asset_value``) and reports the rest (metadata ``used_inputs`` /
+``skipped_inputs`` + the WARN check ``skipped_inputs``).
+
+Why not an ``AssetIn`` with ``AllPartitionMapping``: Dagster would load every partition and fail
+on a missing one (``allow_missing_partitions`` only skips missing objects: it would still read
+a partition whose checks failed, or whose latest run failed after an older one succeeded). A
+partition mapping cannot see check results either. So the edge stays declared (``AssetDep`` with
+``AllPartitionMapping``: lineage, automation and the UI see it) and the reading is explicit here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus  # not re-exported by dagster
+
+AssetPartitionStatus = dg.AssetPartitionStatus
+
+SKIPPED_INPUTS_CHECK = "skipped_inputs"
+from spatial_assets.defs.automation import USED_INPUTS_METADATA  # noqa: E402  (one name for the condition and the assets)
+SKIPPED_INPUTS_METADATA = "skipped_inputs"
+
+
+@dataclass(frozen=True)
+class InputSelection:
+    """The upstream partitions used and the ones skipped (partition → why)."""
+
+    upstream: dg.AssetKey
+    used: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        name = self.upstream.to_user_string()
+        if not self.skipped:
+            return f"every {name} partition used ({len(self.used)})"
+        reasons = "; ".join(f"{k}: {why}" for k, why in sorted(self.skipped.items()))
+        return f"{len(self.skipped)} {name} partition(s) skipped ({reasons}); {len(self.used)} used"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            USED_INPUTS_METADATA: dg.MetadataValue.json(sorted(self.used)),
+            SKIPPED_INPUTS_METADATA: dg.MetadataValue.json(dict(sorted(self.skipped.items()))),
+            "n_skipped_inputs": len(self.skipped),
+        }
+
+    def check_result(self, asset_key: str) -> dg.AssetCheckResult:
+        """WARN (not blocking): the asset is valid on what it used, but someone should look at the rest."""
+        return dg.AssetCheckResult(
+            check_name=SKIPPED_INPUTS_CHECK,
+            asset_key=asset_key,
+            passed=not self.skipped,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata=self.metadata(),
+            description=self.summary(),
+        )
+
+
+def skipped_inputs_check_spec(asset: str, upstream: str, partitions_def: dg.PartitionsDefinition | None = None) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        SKIPPED_INPUTS_CHECK,
+        asset=asset,
+        partitions_def=partitions_def,  # the asset's: one result per partition
+        description=(
+            f"Warns when {upstream} partitions were left out (not materialized, latest run failed, or a blocking "
+            "check failed); metadata `skipped_inputs` names each with the reason."
+        ),
+    )
+
+
+def blocking_checks(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> list[dg.AssetCheckKey]:
+    """The blocking checks defined on ``asset_key`` (from the repository's asset graph)."""
+    graph = context.repository_def.asset_graph
+    return sorted(
+        (k for k in graph.get_check_keys_for_assets({asset_key}) if graph.get(k).blocking),
+        key=lambda k: k.name,
+    )
+
+
+def usable_partitions(
+    instance: dg.DagsterInstance,
+    asset_key: dg.AssetKey,
+    partitions_def: dg.DynamicPartitionsDefinition,
+    checks: list[dg.AssetCheckKey],
+) -> InputSelection:
+    """Split the current partitions of ``asset_key`` into usable and skipped (with reasons).
+
+    Usable: latest attempt materialized (not failed, not in progress) and every check in
+    ``checks`` evaluated on that latest materialization and passed. A partition removed from the
+    graph (``DeleteDynamicPartitionsRequest``) is not a partition any more, so it is never listed.
+    """
+    keys = sorted(instance.get_dynamic_partitions(str(partitions_def.name)))
+    if not keys:
+        return InputSelection(asset_key, [], {})
+    status = instance.get_status_by_partition(asset_key, keys, partitions_def) or {}
+    infos = {}
+    if checks:
+        for info in instance.event_log_storage.get_asset_check_partition_info(list(checks), partition_keys=keys):
+            infos[(info.check_key, info.partition_key)] = info
+    used, skipped = [], {}
+    for key in keys:
+        state = status.get(key)
+        if state == AssetPartitionStatus.FAILED:
+            skipped[key] = "its latest materialization failed"
+        elif state == AssetPartitionStatus.IN_PROGRESS:
+            skipped[key] = "being materialized"
+        elif state != AssetPartitionStatus.MATERIALIZED:
+            skipped[key] = "not materialized"
+        else:
+            reason = _check_problem(infos, checks, key)
+            if reason:
+                skipped[key] = reason
+            else:
+                used.append(key)
+    return InputSelection(asset_key, used, skipped)
+
+
+def _check_problem(infos: dict, checks: list[dg.AssetCheckKey], key: str) -> str | None:
+    for check_key in checks:
+        info = infos.get((check_key, key))
+        if info is None or not info.is_current:
+            return f"blocking check {check_key.name} has not run on its latest materialization"
+        if info.latest_execution_status == AssetCheckExecutionRecordStatus.FAILED:
+            return f"blocking check {check_key.name} failed"
+        if info.latest_execution_status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+            return f"blocking check {check_key.name} has not finished"
+    return None
+
+
+def select_usable_inputs(
+    context: dg.AssetExecutionContext, upstream: dg.AssetKey, partitions_def: dg.DynamicPartitionsDefinition
+) -> InputSelection:
+    """:func:`usable_partitions` of ``upstream`` with its own blocking checks; logs what is skipped."""
+    selection = usable_partitions(context.instance, upstream, partitions_def, blocking_checks(context, upstream))
+    if selection.skipped:
+        context.log.warning(selection.summary())
+    return selection
+
+
+def load_partitions(context: dg.AssetExecutionContext, upstream: dg.AssetKey, keys: list[str], python_type: Any = None) -> dict[str, Any]:
+    """``{partition: value}`` of the given partitions, each read through the upstream asset's IO manager."""
+    return {key: context.load_asset_value(upstream, partition_key=key, python_type=python_type) for key in keys}
