@@ -27,7 +27,8 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 AssetPartitionStatus = dg.AssetPartitionStatus
 
 SKIPPED_INPUTS_CHECK = "skipped_inputs"
-from spatial_assets.defs.automation import USED_INPUTS_METADATA  # noqa: E402  (one name for the condition and the assets)
+#: metadata of a shared asset: the upstream partitions it used (what :class:`UsableInputsChanged` compares with)
+USED_INPUTS_METADATA = "used_inputs"
 SKIPPED_INPUTS_METADATA = "skipped_inputs"
 
 
@@ -149,3 +150,90 @@ def select_usable_inputs(
 def load_partitions(context: dg.AssetExecutionContext, upstream: dg.AssetKey, keys: list[str], python_type: Any = None) -> dict[str, Any]:
     """``{partition: value}`` of the given partitions, each read through the upstream asset's IO manager."""
     return {key: context.load_asset_value(upstream, partition_key=key, python_type=python_type) for key in keys}
+
+
+def require_some(selection: InputSelection, asset: str) -> InputSelection:
+    """Refuse to build ``asset`` on nothing, naming every skipped partition and why."""
+    if not selection.used:
+        name = selection.upstream.to_user_string()
+        why = "; ".join(f"{k}: {r}" for k, r in sorted(selection.skipped.items())) or "there is none"
+        raise ValueError(f"{asset}: no usable {name} partition ({why})")
+    return selection
+
+
+class UsableInputsChanged(dg.AutomationCondition):
+    """True for partitions of the evaluated asset whose usable upstream partitions (see
+    :func:`usable_partitions`) differ from the ``used_inputs`` its latest materialization recorded.
+
+    This is what brings a shared asset back in step when an input leaves the graph (a manifest
+    entry removed → its partition deleted) or an input it skipped becomes usable without being
+    re-materialized (a check re-run that now passes). Partitions never materialized are False
+    (``newly_missing`` handles them). Queries: the upstream statuses and check infos once, plus the
+    latest metadata of the candidate partitions.
+    """
+
+    def __init__(self, upstream: dg.AssetKey, partitions_def: dg.DynamicPartitionsDefinition, checks: tuple[dg.AssetCheckKey, ...] = ()):
+        self.upstream = upstream
+        self.upstream_partitions = partitions_def
+        self.checks = tuple(checks)
+        super().__init__()
+
+    @property
+    def name(self) -> str:
+        return f"usable_{self.upstream.to_user_string()}_changed"
+
+    @property
+    def description(self) -> str:
+        return f"the usable {self.upstream.to_user_string()} partitions differ from the ones last used"
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        from spatial_assets.defs.history import latest_metadata_by_partition
+
+        instance = context.asset_graph_view.instance
+        subset = context.candidate_subset
+        partitioned = context.partitions_def is not None
+        if partitioned:
+            candidates = list(subset.expensively_compute_partition_keys())
+            if not candidates:
+                return dg.AutomationResult(context, context.get_empty_subset())
+            recorded = latest_metadata_by_partition(instance, context.key, USED_INPUTS_METADATA, candidates)
+        else:
+            if subset.is_empty:
+                return dg.AutomationResult(context, context.get_empty_subset())
+            event = instance.get_latest_materialization_event(context.key)
+            entry = event.asset_materialization.metadata.get(USED_INPUTS_METADATA) if event and event.asset_materialization else None
+            recorded = {None: entry.value} if entry is not None else {}
+        if not recorded:
+            return dg.AutomationResult(context, context.get_empty_subset())
+        usable = sorted(usable_partitions(instance, self.upstream, self.upstream_partitions, list(self.checks)).used)
+        changed = {pk for pk, used in recorded.items() if sorted(used or []) != usable}
+        if not partitioned:
+            return dg.AutomationResult(context, subset if changed else context.get_empty_subset())
+        return dg.AutomationResult(context, subset.compute_intersection_with_partition_keys(changed))
+
+
+def on_usable_inputs_change(
+    upstream: dg.AssetKey, partitions_def: dg.DynamicPartitionsDefinition, checks: tuple[dg.AssetCheckKey, ...] = ()
+) -> dg.AutomationCondition:
+    """``eager`` for a shared asset reading many ``upstream`` partitions, that does not wait for all of them.
+
+    Triggers: newly missing, any parent updated, or the set of usable ``upstream`` partitions
+    changed (:class:`UsableInputsChanged`). Waits for: its other parents to exist, nothing
+    upstream in progress, and at least one ``upstream`` partition materialized. A missing or
+    failed ``upstream`` partition does not block it (``eager`` would wait for it forever): the
+    asset itself uses only the usable ones and reports the rest.
+    """
+    fan_in = dg.AssetSelection.assets(upstream)
+    return (
+        (
+            dg.AutomationCondition.newly_missing()
+            | dg.AutomationCondition.any_deps_updated()
+            | UsableInputsChanged(upstream, partitions_def, checks).newly_true()
+        ).since_last_handled()
+        & ~dg.AutomationCondition.any_deps_missing().ignore(fan_in).with_label(f"inputs other than {upstream.to_user_string()} missing")
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+        & dg.AutomationCondition.any_deps_match(~dg.AutomationCondition.missing()).allow(fan_in).with_label(
+            f"some {upstream.to_user_string()} materialized"
+        )
+    ).with_label(f"eager on the usable {upstream.to_user_string()} partitions")

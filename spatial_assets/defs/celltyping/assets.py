@@ -29,9 +29,16 @@ from spatial_assets.defs.automation import (
     on_own_panel_model,
     on_upstream_change,
 )
+from spatial_assets.defs.health import (
+    load_partitions,
+    on_usable_inputs_change,
+    require_some,
+    select_usable_inputs,
+    skipped_inputs_check_spec,
+)
 from spatial_assets.defs.history import latest_storage_ids
 from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
-from spatial_assets.defs.partitions import by_partition, one_partition, panels_partitions, samples_partitions
+from spatial_assets.defs.partitions import by_partition, one_partition, panels_partitions, references_partitions, samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
@@ -42,6 +49,8 @@ from spatial_assets.platform.workflow import (
     summarize_annotations,
     train_celltype_model,
 )
+
+REFERENCE_ATLAS = dg.AssetKey("reference_atlas")
 
 
 @dg.asset(
@@ -89,18 +98,25 @@ def gene_panel(context: dg.AssetExecutionContext, sample_panel: dict[str, dict])
             kinds={"anndata", STORAGE_KIND},
             owners=OWNERS,
             code_version="1",
-            automation_condition=on_upstream_change(),
-            description="All references combined on the panel's genes, labels mapped to Cell Ontology, Cap & Fill balanced.",
+            automation_condition=on_usable_inputs_change(REFERENCE_ATLAS, references_partitions),
+            description=(
+                "All usable references combined on the panel's genes, labels mapped to Cell Ontology, Cap & Fill "
+                "balanced. A reference whose latest materialization failed is left out and reported (metadata "
+                "`skipped_inputs`, WARN check `skipped_inputs`); a removed one leaves with its partition."
+            ),
         ),
         "label_mapping": dg.AssetOut(
             kinds={"parquet", STORAGE_KIND},
             owners=OWNERS,
             code_version="1",
-            automation_condition=on_upstream_change(),
+            automation_condition=on_usable_inputs_change(REFERENCE_ATLAS, references_partitions),
             description="Reference label → Cell Ontology id mapping (tier, score, cells per source) for the panel.",
         ),
     },
-    ins={"reference_atlas": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()), "gene_panel": dg.AssetIn()},
+    ins={"gene_panel": dg.AssetIn()},
+    # every reference is an input, read by the asset itself: only the usable ones (defs/health.py)
+    deps=[dg.AssetDep(REFERENCE_ATLAS, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[skipped_inputs_check_spec("training_set", "reference_atlas", panels_partitions)],
     partitions_def=panels_partitions,
     group_name="celltyping",
     pool="heavy",
@@ -108,14 +124,14 @@ def gene_panel(context: dg.AssetExecutionContext, sample_panel: dict[str, dict])
 )
 def training_set(
     context: dg.AssetExecutionContext,
-    reference_atlas: dict,
     gene_panel: dict,
     storage: StorageResource,
     settings: PlatformSettings,
 ):
     panel = Panel.from_record(one_partition(context, "gene_panel", gene_panel))
-    references = by_partition(context, "reference_atlas", reference_atlas)
-    result = build_training_set(list(references.values()), panel, settings, s3_settings=storage.s3_settings())
+    selection = require_some(select_usable_inputs(context, REFERENCE_ATLAS, references_partitions), "training_set")
+    references = load_partitions(context, REFERENCE_ATLAS, selection.used, python_type=dict)
+    result = build_training_set([references[k] for k in sorted(references)], panel, settings, s3_settings=storage.s3_settings())
     tset, mapping = result.training_set, result.mapping_table
     counts = tset.obs[schema.CELL_TYPE].value_counts()
     yield dg.Output(
@@ -133,12 +149,14 @@ def training_set(
             "class_counts": md_table(["class", "cells"], counts.items()),
             "parameters": dg.MetadataValue.json(tset.uns["training_parameters"]),
             "library_versions": library_versions(),
+            **selection.metadata(),
         },
     )
     yield dg.Output(
         mapping,
         output_name="label_mapping",
         metadata={
+            **selection.metadata(),
             "panel_id": panel.id,
             "n_labels": len(mapping),
             "n_mapped": int(mapping["ontology_term_id"].astype(str).str.startswith("CL:").sum()),
@@ -146,6 +164,7 @@ def training_set(
             **table_metadata(mapping),
         },
     )
+    yield selection.check_result("training_set")
 
 
 @dg.asset(

@@ -8,8 +8,9 @@ import pandas as pd
 
 from spatial_assets.defs.automation import downstream_of_checked, fit_once_when_samples_exist, on_upstream_change
 from spatial_assets.defs.execution import op_tags_for
+from spatial_assets.defs.health import load_partitions, require_some, select_usable_inputs, skipped_inputs_check_spec
 from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
-from spatial_assets.defs.partitions import by_partition, samples_partitions
+from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.domains.engine import DomainModel
@@ -21,14 +22,19 @@ from spatial_assets.platform.domains import (
 from spatial_assets.core.lineage import library_versions
 
 
+SPATIAL_CELLS = dg.AssetKey("spatial_cells")
+
+
 def _engine_config(settings: PlatformSettings) -> dict:
     return {"pretrained_dir": settings.domain_model_dir} if settings.domain_engine == "novae" and settings.domain_model_dir else {}
 
 
 @dg.asset(
-    ins={"spatial_cells": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    # every sample is an input, read by the asset itself: only the usable ones (defs/health.py)
+    deps=[dg.AssetDep(SPATIAL_CELLS, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[skipped_inputs_check_spec("domain_model", "spatial_cells")],
     # Fitted once when missing, then reused: a new sample must not refit (and so relabel) the
-    # others. Materialize it by hand (domain_model_job) to refit on every registered sample.
+    # others. Materialize it by hand (domain_model_job) to refit on every usable sample.
     automation_condition=fit_once_when_samples_exist(),
     group_name="domains",
     owners=OWNERS,
@@ -38,8 +44,10 @@ def _engine_config(settings: PlatformSettings) -> dict:
     kinds={"numpy", STORAGE_KIND},
     description="The shared domain model (one embedding for all samples, hierarchical levels), stored by the IO manager as npz+json in a zip with its sha256.",
 )
-def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, settings: PlatformSettings) -> DomainModel:
-    spatial_cells = by_partition(context, "spatial_cells", spatial_cells)
+def domain_model(context: dg.AssetExecutionContext, settings: PlatformSettings):
+    # a truncated, 0-gene or Ensembl-id sample fails spatial_cells or its blocking checks: left out, reported
+    selection = require_some(select_usable_inputs(context, SPATIAL_CELLS, samples_partitions), "domain_model")
+    spatial_cells = load_partitions(context, SPATIAL_CELLS, selection.used, python_type=ad.AnnData)
     samples = [spatial_cells[k] for k in sorted(spatial_cells)]
     model = fit_domain_model(
         samples,
@@ -51,20 +59,20 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, setting
     )
     meta = model.metadata()
     fitted_on = sorted(spatial_cells)
-    context.add_output_metadata(
-        {
-            "engine": meta.get("engine", ""),
-            "levels": ", ".join(str(int(k)) for k in model.levels),
-            "n_domains": int(model.n_domains),
-            "fitted_on": ", ".join(fitted_on),
-            "fitted_on_content_sha256": dg.MetadataValue.json(
-                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in fitted_on}
-            ),
-            "model_metadata": dg.MetadataValue.json(meta),
-            "library_versions": library_versions(),
-        }
-    )
-    return model  # the IO manager packs it (zip + card with its sha256) and verifies it on load
+    metadata = {
+        "engine": meta.get("engine", ""),
+        "levels": ", ".join(str(int(k)) for k in model.levels),
+        "n_domains": int(model.n_domains),
+        "fitted_on": ", ".join(fitted_on),
+        "fitted_on_content_sha256": dg.MetadataValue.json(
+            {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in fitted_on}
+        ),
+        "model_metadata": dg.MetadataValue.json(meta),
+        "library_versions": library_versions(),
+    }
+    # the IO manager packs it (zip + card with its sha256) and verifies it on load
+    yield dg.Output(model, metadata={**metadata, **selection.metadata()})
+    yield selection.check_result("domain_model")
 
 
 @dg.asset(
