@@ -78,13 +78,19 @@ def skipped_inputs_check_spec(asset: str, upstream: str, partitions_def: dg.Part
     )
 
 
-def blocking_checks(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> list[dg.AssetCheckKey]:
-    """The blocking checks defined on ``asset_key`` (from the repository's asset graph)."""
-    graph = context.repository_def.asset_graph
-    return sorted(
-        (k for k in graph.get_check_keys_for_assets({asset_key}) if graph.get(k).blocking),
-        key=lambda k: k.name,
-    )
+def blocking_checks_of(*checks: dg.AssetChecksDefinition) -> tuple[dg.AssetCheckKey, ...]:
+    """The keys of the given check definitions that are blocking (what an input must pass to be used).
+
+    Named by the asset that reads the input rather than looked up in the repository: a run's
+    context has no repository (``execute_in_process``), and the job's asset graph holds only its
+    own selection. ``spatial_assets_tests/reliability`` checks the lists against the whole graph.
+    """
+    out = []
+    for definition in checks:
+        for spec in definition.check_specs:
+            if spec.blocking:
+                out.append(spec.key)
+    return tuple(sorted(out, key=lambda k: k.name))
 
 
 def usable_partitions(
@@ -138,10 +144,13 @@ def _check_problem(infos: dict, checks: list[dg.AssetCheckKey], key: str) -> str
 
 
 def select_usable_inputs(
-    context: dg.AssetExecutionContext, upstream: dg.AssetKey, partitions_def: dg.DynamicPartitionsDefinition
+    context: dg.AssetExecutionContext,
+    upstream: dg.AssetKey,
+    partitions_def: dg.DynamicPartitionsDefinition,
+    checks: tuple[dg.AssetCheckKey, ...] = (),
 ) -> InputSelection:
-    """:func:`usable_partitions` of ``upstream`` with its own blocking checks; logs what is skipped."""
-    selection = usable_partitions(context.instance, upstream, partitions_def, blocking_checks(context, upstream))
+    """:func:`usable_partitions` of ``upstream`` (``checks``: its blocking checks); logs what is skipped."""
+    selection = usable_partitions(context.instance, upstream, partitions_def, list(checks))
     if selection.skipped:
         context.log.warning(selection.summary())
     return selection
@@ -149,7 +158,12 @@ def select_usable_inputs(
 
 def load_partitions(context: dg.AssetExecutionContext, upstream: dg.AssetKey, keys: list[str], python_type: Any = None) -> dict[str, Any]:
     """``{partition: value}`` of the given partitions, each read through the upstream asset's IO manager."""
-    return {key: context.load_asset_value(upstream, partition_key=key, python_type=python_type) for key in keys}
+    out = {}
+    for key in keys:
+        value = context.load_asset_value(upstream, partition_key=key, python_type=python_type)
+        # the IO manager hands a mapping-typed read of one partition back as {partition: value}
+        out[key] = value[key] if isinstance(value, dict) and list(value) == [key] else value
+    return out
 
 
 def require_some(selection: InputSelection, asset: str) -> InputSelection:

@@ -43,6 +43,14 @@ class LaunchedRun:
     run_id: str
     seconds: float
     backfill_id: str | None = None
+    errors: tuple[str, ...] = ()  # the failed steps' errors (empty when the run succeeded)
+
+
+def _root_message(error) -> str:
+    """The innermost cause of a step failure (Dagster wraps the user error in its own)."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message.strip() if error is not None else ""
 
 
 def requested_asset_partitions(request: dg.RunRequest) -> list[tuple[str, str | None]]:
@@ -118,8 +126,9 @@ class LocalDaemon:
             tags=tags, raise_on_error=False,
         )
         planned = selection or [k for k in job.asset_layer.executable_asset_keys]
+        errors = tuple(f"{e.step_key}: {_root_message(e.event_specific_data.error)}" for e in result.all_events if e.is_step_failure)
         run = LaunchedRun(name, job.name, partition_key, tuple(sorted(k.to_user_string() for k in planned)),
-                          result.success, result.run_id, time.perf_counter() - t0, backfill_id)
+                          result.success, result.run_id, time.perf_counter() - t0, backfill_id, errors)
         self.launched.append(run)
         materialized = {
             AssetKeyPartitionKey(e.event_specific_data.materialization.asset_key, e.event_specific_data.materialization.partition)

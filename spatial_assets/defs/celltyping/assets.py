@@ -18,7 +18,7 @@ import dagster as dg
 import pandas as pd
 
 from spatial_assets.core import schema
-from spatial_assets.core.lineage import library_versions
+from spatial_assets.core.lineage import LINEAGE, library_versions
 from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.celltyping.training import TrainedModel
 from spatial_assets.defs.automation import (
@@ -269,5 +269,7 @@ def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSe
 )
 def cell_type_summary(context: dg.AssetExecutionContext, cell_type_annotations: ad.AnnData) -> pd.DataFrame:
     table = summarize_annotations(cell_type_annotations, sample_id=context.partition_key)
+    # which annotations it summarizes (the audit's annotations -> summary link)
+    table.attrs[LINEAGE] = {"cell_type_annotations_run_id": str(cell_type_annotations.uns[schema.PROVENANCE_UNS].get("run_id", ""))}
     context.add_output_metadata({"table": dg.MetadataValue.md(table.to_markdown(index=False)), **table_metadata(table)})
     return table

@@ -12,6 +12,7 @@ from spatial_assets.defs.health import load_partitions, require_some, select_usa
 from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
 from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
+from spatial_assets.defs.samples.checks import SPATIAL_CELLS_BLOCKING_CHECKS
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.domains.engine import DomainModel
 from spatial_assets.platform.domains import (
@@ -19,7 +20,7 @@ from spatial_assets.platform.domains import (
     fit_domain_model,
     mark_islands,
 )
-from spatial_assets.core.lineage import library_versions
+from spatial_assets.core.lineage import LINEAGE, library_versions
 
 
 SPATIAL_CELLS = dg.AssetKey("spatial_cells")
@@ -46,7 +47,7 @@ def _engine_config(settings: PlatformSettings) -> dict:
 )
 def domain_model(context: dg.AssetExecutionContext, settings: PlatformSettings):
     # a truncated, 0-gene or Ensembl-id sample fails spatial_cells or its blocking checks: left out, reported
-    selection = require_some(select_usable_inputs(context, SPATIAL_CELLS, samples_partitions), "domain_model")
+    selection = require_some(select_usable_inputs(context, SPATIAL_CELLS, samples_partitions, SPATIAL_CELLS_BLOCKING_CHECKS), "domain_model")
     spatial_cells = load_partitions(context, SPATIAL_CELLS, selection.used, python_type=ad.AnnData)
     samples = [spatial_cells[k] for k in sorted(spatial_cells)]
     model = fit_domain_model(
@@ -96,6 +97,11 @@ def spatial_domains(
     assigned = mark_islands(domain_model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
     annotated, assignment = annotate_domains_with_signatures(assigned, settings.domain_signatures)
     annotated.uns["domain_model_sha256"] = model_sha256
+    annotated.uns[LINEAGE] = {  # what the audit compares with the current spatial_cells / domain model
+        "run_id": context.run.run_id,
+        "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
+        "domain_model_sha256": model_sha256,
+    }
     counts = annotated.obs["domain"].value_counts()
     calls = dict(zip(assignment["domain"], assignment["assigned_cell_types"]))
     metadata = {
@@ -148,6 +154,7 @@ def domain_composition(
     merged = spatial_domains.copy()
     merged.obs["cell_type"] = cell_type_annotations.obs["cell_type"].reindex(merged.obs_names).astype(str).to_numpy()
     table = compose(merged, domain_key="domain", cell_type_key="cell_type", sample_key="sample_id")
+    table.attrs[LINEAGE] = {"spatial_domains_run_id": _run_id_of(spatial_domains), "cell_type_annotations_run_id": _annotations_run_id(cell_type_annotations)}
     meta = {"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)}
 
     def _plot(out_dir: Path) -> dict:
@@ -172,5 +179,14 @@ def domain_markers(context: dg.AssetExecutionContext, spatial_domains: ad.AnnDat
     from spatial_assets.domains.annotation import domain_marker_genes
 
     table = domain_marker_genes(spatial_domains, domain_key="domain", n_genes=10)
+    table.attrs[LINEAGE] = {"spatial_domains_run_id": _run_id_of(spatial_domains)}
     context.add_output_metadata({"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)})
     return table
+
+
+def _run_id_of(spatial_domains: ad.AnnData) -> str:
+    return str((spatial_domains.uns.get(LINEAGE) or {}).get("run_id", ""))
+
+
+def _annotations_run_id(annotations: ad.AnnData) -> str:
+    return str((annotations.uns.get("provenance") or {}).get("run_id", ""))

@@ -41,6 +41,7 @@ def spatial_cells(context: dg.AssetExecutionContext, storage: StorageResource, s
     key = landed[sample_id].h5ad_key
     adata = prepare_spatial_cells(ad.read_h5ad(store.get_file(key)), sample_id=sample_id, source=store.uri(key))
     panel = panel_of_sample(adata, settings.panel_genes, sample_id=sample_id)
+    adata.uns["landing_fingerprint"] = landed[sample_id].fingerprint  # the audit's landed file -> spatial_cells link
     context.add_output_metadata(
         {
             # asset-level names: `uri` / `sha256` are the IO manager's record of the stored object
