@@ -47,8 +47,8 @@ class LaunchedRun:
 
 
 def _root_message(error) -> str:
-    """The innermost cause of a step failure (Dagster wraps the user error in its own)."""
-    while getattr(error, "cause", None) is not None:
+    """The user's error behind a step failure (Dagster wraps it in its own)."""
+    while getattr(error, "cause", None) is not None and str(getattr(error, "cls_name", "")).startswith("Dagster"):
         error = error.cause
     return error.message.strip() if error is not None else ""
 
