@@ -27,10 +27,11 @@ class AuditLink:
     recorded: str | None
     current: str | None
     detail: str = ""
+    absent: bool = False  # the downstream object is not materialized (yet): nothing to compare, not stale
 
     @property
     def stale(self) -> bool:
-        return self.recorded != self.current
+        return not self.absent and self.recorded != self.current
 
 
 @dataclass
@@ -60,7 +61,7 @@ class AuditReport:
         lines.append(f"  -> annotations   run_id={p.get('run_id')}")
         lines.append("checks against current storage:")
         for link in self.links:
-            state = "STALE" if link.stale else "ok"
+            state = "absent" if link.absent else "STALE" if link.stale else "ok"
             lines.append(f"  [{state}] {link.name}: recorded={link.recorded} current={link.current} {link.detail}".rstrip())
         lines.append("status: " + ("STALE — upstream changed since these calls were made" if self.stale else "up to date"))
         return "\n".join(lines)
@@ -148,7 +149,7 @@ def sample_links(
     """
     links: list[AuditLink] = []
     cells = _uns(store, keys.spatial_cells, ("content_sha256", "landing_fingerprint"))
-    cells_sha = cells.get("content_sha256") if cells is not None else MISSING
+    cells_sha = cells.get("content_sha256") if cells is not None else MISSING  # annotations without cells: STALE
     if cells is not None and landing_fingerprint is not None and cells.get("landing_fingerprint"):
         now = landing_fingerprint(sample_id)
         links.append(AuditLink("landed file -> spatial_cells", cells.get("landing_fingerprint"), now,
@@ -157,9 +158,9 @@ def sample_links(
     annotations_run = provenance.get("run_id")
     domains = _uns(store, keys.spatial_domains, ("lineage",))
     domains_lineage = (domains or {}).get("lineage") or {}
-    domains_run = domains_lineage.get("run_id") if domains is not None else MISSING
+    domains_run = domains_lineage.get("run_id")
     if domains is None:
-        links.append(AuditLink("spatial_domains", MISSING, cells_sha, "(no domains stored for this sample)"))
+        links.append(AuditLink("spatial_cells -> spatial_domains", None, None, "(not materialized for this sample)", absent=True))
     else:
         links.append(AuditLink("spatial_cells -> spatial_domains", domains_lineage.get("spatial_cells_content_sha256"), cells_sha))
         card = json.loads(store.read_bytes(keys.domain_model_card)) if store.exists(keys.domain_model_card) else {}
@@ -173,7 +174,7 @@ def sample_links(
         recorded = _parquet_lineage(store, key)
         for upstream, (field_name, current) in inputs.items():
             if recorded is None:
-                links.append(AuditLink(f"{upstream} -> {name}", MISSING, current, f"(no {name} stored for this sample)"))
+                links.append(AuditLink(f"{upstream} -> {name}", None, None, "(not materialized for this sample)", absent=True))
             else:
                 links.append(AuditLink(f"{upstream} -> {name}", recorded.get(field_name), current, "(run ids)"))
     return links
