@@ -14,6 +14,14 @@ on a missing one (``allow_missing_partitions`` only skips missing objects: it wo
 a partition whose checks failed, or whose latest run failed after an older one succeeded). A
 partition mapping cannot see check results either. So the edge stays declared (``AssetDep`` with
 ``AllPartitionMapping``: lineage, automation and the UI see it) and the reading is explicit here.
+
+Automation follows the same rule: ``eager`` waits for every parent partition to exist, so one
+failed reference would hold ``training_set`` back forever. :func:`on_usable_inputs_change` ignores
+missing partitions of the fan-in edge and adds :class:`UsableInputsChanged`, which re-runs the
+asset when the usable set differs from the ``used_inputs`` it recorded (an entry removed from the
+manifest deletes its partition: nothing "updates", but the set changes). The blocking checks an
+input must pass are named by the consuming asset (:func:`blocking_checks_of`): a run's context
+has no repository to look them up in.
 """
 
 from __future__ import annotations
