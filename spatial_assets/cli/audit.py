@@ -68,14 +68,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    summary = (
-        "print a sample's lineage (references → training set → model → annotations; landed file → spatial_cells → "
-        "annotations / domains → summaries) and whether any link is stale"
-    )
+    summary = "print a sample's lineage (references, model, landed file, cells, calls, domains, summaries) and what is stale"
     p = subparsers.add_parser(
         "audit",
         help=summary,
-        description=f"{summary}. Exit code 0: up to date, {EXIT_STALE}: something upstream changed. "
+        description=f"{summary}. Every link is compared: references → training set → model → annotations, and "
+        "landed file → spatial_cells → annotations / domains → summaries. "
+        f"Exit code 0: up to date, {EXIT_STALE}: something upstream changed. "
         "Storage from the environment (SPATIAL_ASSETS_DEPLOYMENT, SPATIAL_ASSETS_BUCKET, AWS_*).",
     )
     p.add_argument("--sample", required=True, metavar="ID", help="sample id (the samples partition key)")
