@@ -16,6 +16,10 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.sparse as sp
 
+#: ``uns`` key (h5ad) / ``DataFrame.attrs`` key (parquet) where a per-sample object records the
+#: identity of each input it was computed from (what ``spatial-assets audit`` compares link by link)
+LINEAGE = "lineage"
+
 TRACKED_LIBRARIES = ("anndata", "numpy", "scipy", "scikit-learn", "celltypist", "scanpy", "dagster", "novae", "torch")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -143,6 +146,22 @@ def spatial_coordinates(adata: ad.AnnData, source: str = "spatial data") -> np.n
     return checked_coordinates(adata, coords, where=where, source=source)[:, :2]
 
 
+#: an Ensembl gene id (ENSG…, ENSMUSG…, with an optional version suffix)
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+
+
+def check_gene_symbols(var_names: Any, source: str) -> None:
+    """Refuse gene names that are Ensembl ids: references, models and signatures use symbols, so such
+    a sample would match no gene (a new 'panel' of its own, nothing to train or annotate it with)."""
+    names = [str(g) for g in var_names]
+    ids = [g for g in names if ENSEMBL_ID.match(g)]
+    if names and len(ids) > len(names) // 2:
+        raise SpatialInputError(
+            f"{source}: {len(ids)} of {len(names)} gene names are Ensembl ids (e.g. {ids[:3]}), not gene symbols: "
+            "put the symbols in var_names (keep the ids in a var column, e.g. var['gene_ids'])"
+        )
+
+
 def prepare_spatial_cells(adata: ad.AnnData, *, sample_id: str, source: str) -> ad.AnnData:
     """Validated copy with ``obsm['spatial']``, ``obs['sample_id']`` and a content hash in ``uns``."""
     validate_id(sample_id, "sample id")
@@ -150,6 +169,7 @@ def prepare_spatial_cells(adata: ad.AnnData, *, sample_id: str, source: str) -> 
     if not adata.var_names.is_unique:
         dup = adata.var_names[adata.var_names.duplicated()][:5].tolist()
         raise SpatialInputError(f"{source}: duplicate gene names, e.g. {dup}")
+    check_gene_symbols(adata.var_names, source)
     out = adata.copy()
     out.obsm[SPATIAL_OBSM] = coords
     out.obs[SAMPLE_KEY] = pd.Categorical([sample_id] * out.n_obs)

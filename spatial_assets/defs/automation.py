@@ -60,12 +60,20 @@ def on_new_panel() -> dg.AutomationCondition:
 
 
 def fit_once_when_samples_exist() -> dg.AutomationCondition:
-    """Once, when missing, after every registered sample's ``spatial_cells`` exists (never on none)."""
+    """Once, when missing, after every registered sample's ``spatial_cells`` was attempted (never on none).
+
+    "Attempted": materialized, or its latest attempt failed. A sample that failed (truncated,
+    0 genes, ...) must not hold the shared model back forever; the asset itself uses only the
+    samples that are usable and reports the others (``defs/health.py``).
+    """
+    missing = dg.AutomationCondition.missing()
+    pending = (missing & ~dg.AutomationCondition.execution_failed()).with_label("not attempted yet")
     return (
         missing_not_failed()
-        & ~dg.AutomationCondition.any_deps_missing()
-        & dg.AutomationCondition.any_deps_match(~dg.AutomationCondition.missing()).with_label("some sample materialized")
-    ).with_label("fitted once, when missing, on the samples present")
+        & ~dg.AutomationCondition.any_deps_match(pending).with_label("a sample not attempted yet")
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & dg.AutomationCondition.any_deps_match(~missing).with_label("some sample materialized")
+    ).with_label("fitted once, when missing, on the usable samples present")
 
 
 class PanelModelCondition(dg.AutomationCondition):

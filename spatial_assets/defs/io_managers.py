@@ -26,8 +26,9 @@ h5ad           ``anndata.AnnData``            ``.h5ad``: written to a local temp
 parquet        ``pandas.DataFrame``           ``.parquet``, streamed both ways (parts upload while it
                                               is written; read as they download)
 json           ``dict`` / ``list``            ``.json`` (sorted keys: same value → same bytes → same sha256)
-model          ``training.TrainedModel``      ``.pkl`` + ``.pkl.card.json``; the card's sha256 is
-                                              verified before unpickling
+model          ``training.TrainedModel``      ``.pkl`` + ``.pkl.card.json``; before unpickling, the card
+                                              and the bytes must match the sha256 recorded in the
+                                              Dagster instance (materialization metadata)
 domain_model   ``domains.engine.DomainModel``  ``.zip`` (npz + json, no pickle) + ``.zip.card.json``;
                                               sha256 verified before unpacking; the loaded model
                                               carries it as ``.sha256``
@@ -62,6 +63,7 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 from upath import UPath
 
+from spatial_assets.celltyping.training import ModelIntegrityError
 from spatial_assets.core.ids import validate_id
 from spatial_assets.defs.plots import WithFigures, figure_markdown
 from spatial_assets.defs.resources import JANITOR_DESCRIPTION, clean_staging_at_run_start, client_factory, s3_settings_of
@@ -390,7 +392,7 @@ class AssetIOManager(dg.UPathIOManager):
         if fmt == "json":
             return json.loads(self.store.read_bytes(key))
         if fmt in ("model", "domain_model"):
-            return self._read_with_card(key, fmt)
+            return self._read_with_card(key, fmt, self._recorded_sha256(context, path, key))
         if fmt == "h5ad":
             import anndata as ad
 
@@ -406,25 +408,62 @@ class AssetIOManager(dg.UPathIOManager):
                 return read(fh)
         return read(self.store.get_file(key))
 
-    def _read_with_card(self, key: str, fmt: str) -> Any:
+    def _recorded_sha256(self, context: dg.InputContext, path: UPath, key: str) -> str:
+        """The sha256 this IO manager recorded when it wrote the object: output metadata ``sha256``
+        of the upstream asset's latest materialization (of the partition ``path`` is), as the
+        Dagster instance holds it. The trust anchor for a pickle: it never lives in the bucket, so
+        whoever can write the object store cannot forge it (the card beside the object can be)."""
+        where = self.store.uri(key)
+        if not context.has_asset_key:
+            raise ModelIntegrityError(f"{where}: not loaded as an asset, so no record of its sha256 outside the object store: refusing to load it")
+        asset_path = "/".join(context.asset_key.path)
+        rel = self.key(path)
+        partition = rel[len(asset_path) + 1 :] if rel.startswith(asset_path + "/") else None
+        try:
+            instance = context.instance
+        except Exception as exc:  # a hand-built context without an instance
+            raise ModelIntegrityError(f"{where}: no Dagster instance to read its recorded sha256 from: refusing to load it") from exc
+        flt = dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[partition] if partition else None)
+        records = instance.fetch_materializations(flt, limit=1).records
+        entry = records[0].asset_materialization.metadata.get("sha256") if records and records[0].asset_materialization else None
+        recorded = getattr(entry, "value", None)
+        label = context.asset_key.to_user_string() + (f"[{partition}]" if partition else "")
+        if not isinstance(recorded, str) or len(recorded) != 64:
+            raise ModelIntegrityError(
+                f"{where}: the Dagster instance has no materialization of {label} recording its sha256 "
+                "(written outside the platform?): refusing to load it"
+            )
+        return recorded
+
+    def _read_with_card(self, key: str, fmt: str, recorded: str) -> Any:
+        """Load a model only if the card AND the bytes match ``recorded`` (the instance's sha256).
+
+        The card is checked first (a card naming another sha256 means the object was replaced
+        outside the platform: refused without even downloading it), then the bytes are hashed
+        before they are unpickled / unpacked."""
         card_key = key + CARD_SUFFIX
         if not self.store.exists(key):
             raise ObjectNotFoundError(f"no {fmt} at {self.store.uri(key)}")
         try:
-            expected = json.loads(self.store.read_bytes(card_key))["sha256"]
+            carded = json.loads(self.store.read_bytes(card_key))["sha256"]
         except ObjectNotFoundError as exc:
             raise ModelCardError(f"{fmt} {self.store.uri(key)} has no card at {self.store.uri(card_key)}: refusing to load it") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelCardError(f"card {self.store.uri(card_key)} is unreadable or lacks 'sha256': {exc}") from exc
+        if carded != recorded:
+            raise ModelIntegrityError(
+                f"{fmt} {self.store.uri(key)}: its card says sha256 {carded}, but the Dagster instance recorded {recorded} "
+                "when the platform wrote it: the object was replaced outside the platform; refusing to load it"
+            )
         local = self.store.get_file(key)
         if fmt == "model":
             from spatial_assets.celltyping.training import load_model
 
-            return load_model(local, expected)  # verifies the sha256 before unpickling
+            return load_model(local, recorded)  # verifies the sha256 before unpickling
         from spatial_assets.platform.domains import unpack_model
 
-        model = unpack_model(local, expected)  # verifies the sha256 before unpacking
-        model.sha256 = expected
+        model = unpack_model(local, recorded)  # verifies the sha256 before unpacking
+        model.sha256 = recorded
         return model
 
     def load_partitions(self, context: dg.InputContext) -> Any:

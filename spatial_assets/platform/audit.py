@@ -27,10 +27,11 @@ class AuditLink:
     recorded: str | None
     current: str | None
     detail: str = ""
+    absent: bool = False  # the downstream object is not materialized (yet): nothing to compare, not stale
 
     @property
     def stale(self) -> bool:
-        return self.recorded != self.current
+        return not self.absent and self.recorded != self.current
 
 
 @dataclass
@@ -60,7 +61,7 @@ class AuditReport:
         lines.append(f"  -> annotations   run_id={p.get('run_id')}")
         lines.append("checks against current storage:")
         for link in self.links:
-            state = "STALE" if link.stale else "ok"
+            state = "absent" if link.absent else "STALE" if link.stale else "ok"
             lines.append(f"  [{state}] {link.name}: recorded={link.recorded} current={link.current} {link.detail}".rstrip())
         lines.append("status: " + ("STALE — upstream changed since these calls were made" if self.stale else "up to date"))
         return "\n".join(lines)
@@ -74,6 +75,8 @@ def audit_sample(
     model_card_key: str,
     reference_record_key: str,
     fingerprint: Any = None,
+    sample_keys: SampleKeys | None = None,
+    landing_fingerprint: Any = None,
 ) -> AuditReport:
     """Compare a sample's recorded chain with the current objects in ``store``.
 
@@ -81,6 +84,9 @@ def audit_sample(
     has its own model, so the current model to compare with is that panel's).
     ``reference_record_key`` is a format string with ``{id}``; ``fingerprint(uri)`` (optional)
     returns the current sha256 of a reference file so an edit made outside the platform shows up.
+    ``sample_keys`` (optional) adds the sample's own links (:func:`sample_links`): landed file →
+    spatial_cells → annotations / domains → summaries; ``landing_fingerprint(sample_id)`` returns
+    the fingerprint of what is landed now (None when nothing is).
     """
     if not store.exists(annotations_key):
         raise FileNotFoundError(f"no annotations stored for sample {sample_id!r} (looked for {annotations_key})")
@@ -109,4 +115,97 @@ def audit_sample(
             else:
                 detail = ""
             report.links.append(AuditLink(f"reference {rid} (file at {ref['uri']})", ref.get("sha256"), now, detail))
+    if sample_keys is not None:
+        report.links.extend(sample_links(store, sample_id, prov, sample_keys, landing_fingerprint=landing_fingerprint))
     return report
+
+
+# -- the sample's own chain --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleKeys:
+    """Where each per-sample object (and the shared domain model's card) is stored."""
+
+    spatial_cells: str
+    spatial_domains: str
+    domain_model_card: str
+    cell_type_summary: str
+    domain_composition: str
+    domain_markers: str
+
+
+MISSING = "(not stored)"
+
+
+def sample_links(
+    store: Store, sample_id: str, provenance: dict[str, Any], keys: SampleKeys, *, landing_fingerprint: Any = None
+) -> list[AuditLink]:
+    """Every link of the sample's chain, each recorded identity against the current one.
+
+    An object records the identity of what it was computed from (``uns['lineage']`` /
+    ``DataFrame.attrs['lineage']``, the annotations' ``uns['provenance']``, the landed file's
+    fingerprint in ``spatial_cells``): a sample landed again with other content makes every link
+    downstream of the change STALE until each object is re-materialized.
+    """
+    links: list[AuditLink] = []
+    cells = _uns(store, keys.spatial_cells, ("content_sha256", "landing_fingerprint"))
+    cells_sha = cells.get("content_sha256") if cells is not None else MISSING  # annotations without cells: STALE
+    if cells is not None and landing_fingerprint is not None and cells.get("landing_fingerprint"):
+        now = landing_fingerprint(sample_id)
+        links.append(AuditLink("landed file -> spatial_cells", cells.get("landing_fingerprint"), now,
+                               "" if now is not None else "(nothing landed for this sample any more)"))
+    links.append(AuditLink("spatial_cells -> annotations", (provenance.get("sample") or {}).get("spatial_cells_sha256"), cells_sha))
+    annotations_run = provenance.get("run_id")
+    domains = _uns(store, keys.spatial_domains, ("lineage",))
+    domains_lineage = (domains or {}).get("lineage") or {}
+    domains_run = domains_lineage.get("run_id")
+    if domains is None:
+        links.append(AuditLink("spatial_cells -> spatial_domains", None, None, "(not materialized for this sample)", absent=True))
+    else:
+        links.append(AuditLink("spatial_cells -> spatial_domains", domains_lineage.get("spatial_cells_content_sha256"), cells_sha))
+        card = json.loads(store.read_bytes(keys.domain_model_card)) if store.exists(keys.domain_model_card) else {}
+        links.append(AuditLink("domain model -> spatial_domains", domains_lineage.get("domain_model_sha256"), card.get("sha256", MISSING)))
+    for name, key, inputs in (
+        ("cell_type_summary", keys.cell_type_summary, {"annotations": ("cell_type_annotations_run_id", annotations_run)}),
+        ("domain_composition", keys.domain_composition, {"annotations": ("cell_type_annotations_run_id", annotations_run),
+                                                         "spatial_domains": ("spatial_domains_run_id", domains_run)}),
+        ("domain_markers", keys.domain_markers, {"spatial_domains": ("spatial_domains_run_id", domains_run)}),
+    ):
+        recorded = _parquet_lineage(store, key)
+        for upstream, (field_name, current) in inputs.items():
+            if recorded is None:
+                links.append(AuditLink(f"{upstream} -> {name}", None, None, "(not materialized for this sample)", absent=True))
+            else:
+                links.append(AuditLink(f"{upstream} -> {name}", recorded.get(field_name), current, "(run ids)"))
+    return links
+
+
+def _uns(store: Store, key: str, names: tuple[str, ...]) -> dict[str, Any] | None:
+    """Small ``uns`` entries of a stored h5ad, read without loading its matrix (None: not stored)."""
+    if not store.exists(key):
+        return None
+    import anndata as ad
+    import h5py
+
+    from spatial_assets.core.lineage import _to_builtin
+
+    out: dict[str, Any] = {}
+    with h5py.File(store.get_file(key), "r") as f:
+        for name in names:
+            if "uns" in f and name in f["uns"]:
+                value = _to_builtin(ad.io.read_elem(f["uns"][name]))
+                out[name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _parquet_lineage(store: Store, key: str) -> dict[str, Any] | None:
+    """``attrs['lineage']`` of a stored parquet table, from its footer only (None: not stored)."""
+    if not store.exists(key):
+        return None
+    import pyarrow.parquet as pq
+
+    from spatial_assets.core.lineage import LINEAGE
+
+    meta = pq.read_schema(store.get_file(key)).metadata or {}
+    attrs = json.loads(meta.get(b"PANDAS_ATTRS", b"{}"))
+    return dict(attrs.get(LINEAGE) or {})

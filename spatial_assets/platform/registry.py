@@ -20,9 +20,11 @@ from spatial_assets.core.ids import InvalidIdError, validate_id
 from spatial_assets.platform.manifest import (
     MANIFEST_KEY,
     ManifestError,
+    ParsedManifest,
     ReferenceEntry,
     dump_manifest,
     parse_manifest,
+    parse_manifest_entries,
     with_entry,
 )
 from spatial_assets.storage.locations import check_allowed_uri
@@ -52,18 +54,33 @@ class ConcurrentEditError(ValueError):
 
 
 def read_manifest(store: Any, manifest_key: str) -> list[ReferenceEntry]:
+    """Every entry, strictly (any bad entry raises): for writers of the manifest."""
     if not store.exists(manifest_key):
         return []
     return parse_manifest(store.read_bytes(manifest_key), source=store.uri(manifest_key))
 
 
+def read_manifest_entries(store: Any, manifest_key: str) -> ParsedManifest:
+    """The valid entries and one problem per bad one: for readers that must keep the rest going.
+
+    A manifest that does not exist is not ``complete`` (it says nothing about which ids are gone).
+    """
+    if not store.exists(manifest_key):
+        return ParsedManifest(complete=False)
+    return parse_manifest_entries(store.read_bytes(manifest_key), source=store.uri(manifest_key))
+
+
 def find_entry(store: Any, manifest_key: str, reference_id: str) -> ReferenceEntry:
-    entries = read_manifest(store, manifest_key)
-    for e in entries:
+    """The valid entry ``reference_id``; its own problem if it is a bad entry (other bad entries do not matter)."""
+    parsed = read_manifest_entries(store, manifest_key)
+    for e in parsed.entries:
         if e.id == reference_id:
             return e
+    own = [p for p in parsed.problems if f"(id {reference_id!r})" in p or f"reference id {reference_id!r}" in p]
+    if own or (parsed.problems and reference_id not in parsed.mentioned_ids and not parsed.complete):
+        raise ManifestError(f"reference {reference_id!r} cannot be used: " + "; ".join(own or parsed.problems))
     raise ManifestError(
-        f"reference {reference_id!r} is not in {store.uri(manifest_key)} (listed: {[e.id for e in entries]})"
+        f"reference {reference_id!r} is not in {store.uri(manifest_key)} (listed: {[e.id for e in parsed.entries]})"
     )
 
 

@@ -82,3 +82,12 @@ def test_validate_spatial_and_prepare_apply_every_check() -> None:
     b.obsm["spatial"][4, 0] = np.nan
     with pytest.raises(SpatialInputError, match=r"NaN/infinite coordinates in 1 cells \(first: 'c4'\)"):
         validate_spatial(b, "s")
+
+
+def test_ensembl_gene_ids_are_refused_with_examples_symbols_pass() -> None:
+    a = _sample(np.ones((5, 4)))
+    a.var_names = ["ENSMUSG00000000001", "ENSMUSG00000000028.3", "ENSG00000141510", "Gad1"]
+    with pytest.raises(SpatialInputError, match=r"landed\.h5ad: 3 of 4 gene names are Ensembl ids \(e\.g\. \['ENSMUSG00000000001'"):
+        prepare_spatial_cells(a, sample_id="s1", source="landed.h5ad")
+    a.var_names = ["Ensa", "Gad1", "ENSMUSG00000000001", "Sst"]  # a symbol that starts like an id; one stray id
+    assert prepare_spatial_cells(a, sample_id="s1", source="landed.h5ad").n_vars == 4

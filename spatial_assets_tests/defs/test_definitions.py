@@ -67,6 +67,9 @@ EXPECTED_CHECKS = {
     ("cell_type_annotations", "unassigned_fraction", False, "samples"),
     ("spatial_domains", "domain_invariants", False, "samples"),
     ("spot_deconvolution", "proportions_valid", True, "spot_samples"),
+    # WARN: the shared assets name the inputs they left out (defs/health.py)
+    ("training_set", "skipped_inputs", False, "panels"),
+    ("domain_model", "skipped_inputs", False, None),
 }
 # job: (assets, partitions)
 EXPECTED_JOBS = {
@@ -85,12 +88,12 @@ EXPECTED_AUTOMATION = {
     "spatial_cells": None,
     "sample_panel": "eager, once upstream blocking checks passed",
     "gene_panel": "once per panel, when sample_panel adds it",
-    "training_set": "eager: when an upstream partition updates",
-    "label_mapping": "eager: when an upstream partition updates",
+    "training_set": "eager on the usable reference_atlas partitions",
+    "label_mapping": "eager on the usable reference_atlas partitions",
     "celltype_model": "eager, once upstream blocking checks passed",
     "cell_type_annotations": "eager, on the model of the sample's own panel",
     "cell_type_summary": "eager: when an upstream partition updates",
-    "domain_model": "fitted once, when missing, on the samples present",
+    "domain_model": "fitted once, when missing, on the usable samples present",
     "spatial_domains": "eager, once upstream blocking checks passed",
     "domain_composition": "eager: when an upstream partition updates",
     "domain_markers": "eager: when an upstream partition updates",
@@ -176,12 +179,13 @@ def test_sensors_schedule_and_automation(defs):
     assert labels == EXPECTED_AUTOMATION
 
 
-def test_panel_condition_is_the_only_custom_one(defs):
-    """Only the annotations condition needs the user code server; the others would serialize."""
+def test_custom_conditions_are_the_panel_and_usable_inputs_ones(defs):
+    """Only the annotations condition (own panel's model) and the training set's (usable references)
+    need the user code server; every other condition would serialize."""
     graph = defs.resolve_asset_graph()
     custom = {
         key.to_user_string()
         for key in graph.get_all_asset_keys()
         if graph.get(key).automation_condition is not None and not graph.get(key).automation_condition.is_serializable
     }
-    assert custom == {"cell_type_annotations"}
+    assert custom == {"cell_type_annotations", "training_set", "label_mapping"}

@@ -461,7 +461,8 @@ def test_tampered_or_cardless_model_is_refused(io_manager: IOFactory, model: Tra
     def use_dom(dom: DomainModel) -> None:
         pass
 
-    dg.materialize([clf, dom], resources={"io_manager": io_manager})
+    instance = dg.DagsterInstance.ephemeral()  # the sha256 a model must match is this instance's record of the write
+    dg.materialize([clf, dom], resources={"io_manager": io_manager}, instance=instance)
     store = io_manager.get_store()
     for key, consumer, error in (("clf.pkl", use, ModelIntegrityError), ("dom.zip", use_dom, ValueError)):
         upstream = clf if consumer is use else dom
@@ -470,12 +471,12 @@ def test_tampered_or_cardless_model_is_refused(io_manager: IOFactory, model: Tra
         tampered[len(tampered) // 2] ^= 0xFF
         store.write_bytes(key, bytes(tampered))
         with pytest.raises(error, match="sha256"):
-            dg.materialize([upstream.to_source_asset(), consumer], resources={"io_manager": io_manager})
+            dg.materialize([upstream.to_source_asset(), consumer], resources={"io_manager": io_manager}, instance=instance)
         store.write_bytes(key, original)
-        dg.materialize([upstream.to_source_asset(), consumer], resources={"io_manager": io_manager})  # restored: loads
+        dg.materialize([upstream.to_source_asset(), consumer], resources={"io_manager": io_manager}, instance=instance)  # restored
         store.delete(key + ".card.json")
         with pytest.raises(ModelCardError, match="no card"):
-            dg.materialize([upstream.to_source_asset(), consumer], resources={"io_manager": io_manager})
+            dg.materialize([upstream.to_source_asset(), consumer], resources={"io_manager": io_manager}, instance=instance)
 
 
 def test_io_manager_contexts_directly(io_manager: IOFactory) -> None:
@@ -588,3 +589,45 @@ def test_read_format_from_declared_type() -> None:
     ]
     for tp, partitions, expected in cases:
         assert format_for_type(tp, partitions=partitions) == expected, (tp, partitions)
+
+
+class _Payload:
+    """A pickle that, when unpickled, creates ``marker`` (what an attacker's code would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.marker,))
+
+
+def test_forged_model_with_its_own_card_is_refused_before_unpickling(io_manager: IOFactory, model: TrainedModel, tmp_path: Path) -> None:
+    import hashlib
+    import json
+    import pickle
+
+    @dg.asset
+    def clf() -> TrainedModel:
+        return model
+
+    @dg.asset
+    def use(clf: TrainedModel) -> None:
+        pass
+
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize([clf], resources={"io_manager": io_manager}, instance=instance)
+    store = io_manager.get_store()
+    marker = tmp_path / "payload_ran"
+    evil = pickle.dumps(_Payload(marker))
+    card = json.loads(store.read_bytes("clf.pkl.card.json"))
+    store.write_bytes("clf.pkl", evil)
+    store.write_bytes("clf.pkl.card.json", json.dumps({**card, "sha256": hashlib.sha256(evil).hexdigest()}).encode())
+    with pytest.raises(ModelIntegrityError, match="card says sha256 .* Dagster instance recorded .* refusing"):
+        dg.materialize([clf.to_source_asset(), use], resources={"io_manager": io_manager}, instance=instance)
+    assert not marker.exists()
+    # a model the instance has no record of (written outside the platform) is refused too
+    with pytest.raises(ModelIntegrityError, match="no materialization of clf recording its sha256"):
+        dg.materialize([clf.to_source_asset(), use], resources={"io_manager": io_manager}, instance=dg.DagsterInstance.ephemeral())
+    assert not marker.exists()
+    pickle.loads(evil)  # the payload is real: unpickled, it does run
+    assert marker.exists()

@@ -1,7 +1,7 @@
 """The daemon's loop, in the test process: tick the real sensors, launch what they request, repeat.
 
 Every sensor of the definitions is ticked as the Dagster daemon ticks it (same definition, same
-cursor handling, dynamic-partition requests applied); every run request is executed in process
+cursor handling, dynamic-partition add and delete requests applied); every run request is executed in process
 on the same instance — sensor runs through the job they target, automation runs through the
 implicit asset job with the requested asset selection and partition, as the daemon's run
 launcher would. Nothing is materialized by hand, so what ends up materialized is what the
@@ -43,6 +43,14 @@ class LaunchedRun:
     run_id: str
     seconds: float
     backfill_id: str | None = None
+    errors: tuple[str, ...] = ()  # the failed steps' errors (empty when the run succeeded)
+
+
+def _root_message(error) -> str:
+    """The user's error behind a step failure (Dagster wraps it in its own)."""
+    while getattr(error, "cause", None) is not None and str(getattr(error, "cls_name", "")).startswith("Dagster"):
+        error = error.cause
+    return error.message.strip() if error is not None else ""
 
 
 def requested_asset_partitions(request: dg.RunRequest) -> list[tuple[str, str | None]]:
@@ -85,6 +93,9 @@ class LocalDaemon:
             for req in result.dynamic_partitions_requests or []:
                 if isinstance(req, dg.AddDynamicPartitionsRequest):
                     self.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+                elif isinstance(req, dg.DeleteDynamicPartitionsRequest):
+                    for key in req.partition_keys:
+                        self.instance.delete_dynamic_partition(req.partitions_def_name, key)
             if result.cursor is not None:
                 self.cursors[name] = result.cursor
             if not result.run_requests and result.skip_reason is not None:
@@ -115,8 +126,9 @@ class LocalDaemon:
             tags=tags, raise_on_error=False,
         )
         planned = selection or [k for k in job.asset_layer.executable_asset_keys]
+        errors = tuple(f"{e.step_key}: {_root_message(e.event_specific_data.error)}" for e in result.all_events if e.is_step_failure)
         run = LaunchedRun(name, job.name, partition_key, tuple(sorted(k.to_user_string() for k in planned)),
-                          result.success, result.run_id, time.perf_counter() - t0, backfill_id)
+                          result.success, result.run_id, time.perf_counter() - t0, backfill_id, errors)
         self.launched.append(run)
         materialized = {
             AssetKeyPartitionKey(e.event_specific_data.materialization.asset_key, e.event_specific_data.materialization.partition)

@@ -3,7 +3,14 @@
 import pytest
 
 from spatial_assets.core.ids import InvalidIdError, validate_id
-from spatial_assets.platform.manifest import ManifestError, ReferenceEntry, dump_manifest, merged_target_proportions, parse_manifest
+from spatial_assets.platform.manifest import (
+    ManifestError,
+    ReferenceEntry,
+    dump_manifest,
+    merged_target_proportions,
+    parse_manifest,
+    parse_manifest_entries,
+)
 from spatial_assets.platform.registry import scan_landing
 from spatial_assets.storage.stores import LocalStore
 
@@ -32,7 +39,7 @@ def test_manifest_round_trip_and_errors():
     ]
     assert parse_manifest(dump_manifest(entries)) == entries
     assert merged_target_proportions(entries) == {"B cell": 0.1}
-    with pytest.raises(ManifestError, match=r"references\[1\].*duplicate reference id 'a'"):
+    with pytest.raises(ManifestError, match=r"duplicate reference id 'a' \(references\[0\], references\[1\]\)"):
         parse_manifest("references:\n- {id: a, uri: x, label_column: c}\n- {id: a, uri: y, label_column: c}\n")
     with pytest.raises(ManifestError, match=r"references\[0\].*missing or empty 'label_column'"):
         parse_manifest("references:\n- {id: a, uri: x}\n")
@@ -44,6 +51,55 @@ def test_manifest_round_trip_and_errors():
                    ReferenceEntry("b", "y", "c", target_proportions={"T": 0.2})]
     with pytest.raises(ManifestError, match="'T'"):
         merged_target_proportions(conflicting)
+
+
+MIXED = """references:
+  - id: good
+    uri: s3://b/good.h5ad
+    label_column: cell_type
+  - id: broken_yaml
+    uri: s3://b/y.h5ad
+    label_column: [unclosed
+  - id: on_gcs
+    uri: gs://b/z.h5ad
+    label_column: cell_type
+  - id: dup
+    uri: /data/a.h5ad
+    label_column: cell_type
+  - {id: dup, uri: /data/b.h5ad, label_column: cell_type}
+  - id: local
+    uri: /data/local.h5ad
+    label_column: cell_type
+"""
+
+
+def test_manifest_errors_are_per_entry_and_the_valid_entries_are_kept():
+    parsed = parse_manifest_entries(MIXED, "m.yaml")
+    assert [e.id for e in parsed.entries] == ["good", "local"]
+    assert parsed.problems == [
+        "m.yaml: references[1] (id 'broken_yaml'): not valid YAML: " + parsed.problems[0].split("not valid YAML: ", 1)[1],
+        "m.yaml: references[2] (id 'on_gcs'): unknown URI scheme 'gs' in 'gs://b/z.h5ad' (supported: s3://, or a local path)",
+        "m.yaml: duplicate reference id 'dup' (references[3], references[4]): none of them is used until one is removed",
+    ]
+    assert "line 3" in parsed.problems[0]  # where in the entry the YAML breaks
+    # every id the manifest names is claimed (their partitions are kept), and it could be read entirely
+    assert parsed.mentioned_ids == {"good", "broken_yaml", "on_gcs", "dup", "local"} and parsed.complete
+    # the strict parse (for writers) names every problem at once
+    with pytest.raises(ManifestError) as exc:
+        parse_manifest(MIXED, "m.yaml")
+    assert all(p in str(exc.value) for p in parsed.problems)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [("references: [\n", "not valid YAML"),  # cannot be split into entries
+     ("references:\n  - uri: /x.h5ad\n    label_column: c\n", "missing or empty 'id'"),  # an entry without its id
+     ("- just a list\n", "expected a mapping with a 'references' list")],
+)
+def test_manifest_that_cannot_say_which_ids_it_lists_is_not_complete(text, reason):
+    parsed = parse_manifest_entries(text, "m.yaml")
+    assert not parsed.complete and parsed.entries == []
+    assert reason in " ".join(parsed.problems)
 
 
 def test_landing_scan_groups_files_and_folders_and_skips_bad_ids(tmp_path):

@@ -18,7 +18,7 @@ import dagster as dg
 import pandas as pd
 
 from spatial_assets.core import schema
-from spatial_assets.core.lineage import library_versions
+from spatial_assets.core.lineage import LINEAGE, library_versions
 from spatial_assets.defs.execution import op_tags_for
 from spatial_assets.celltyping.training import TrainedModel
 from spatial_assets.defs.automation import (
@@ -29,9 +29,16 @@ from spatial_assets.defs.automation import (
     on_own_panel_model,
     on_upstream_change,
 )
+from spatial_assets.defs.health import (
+    load_partitions,
+    on_usable_inputs_change,
+    require_some,
+    select_usable_inputs,
+    skipped_inputs_check_spec,
+)
 from spatial_assets.defs.history import latest_storage_ids
 from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata, table_value
-from spatial_assets.defs.partitions import by_partition, one_partition, panels_partitions, samples_partitions
+from spatial_assets.defs.partitions import by_partition, one_partition, panels_partitions, references_partitions, samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
@@ -45,6 +52,8 @@ from spatial_assets.platform.workflow import (
     summarize_annotations,
     train_celltype_model,
 )
+
+REFERENCE_ATLAS = dg.AssetKey("reference_atlas")
 
 
 @dg.asset(
@@ -92,18 +101,25 @@ def gene_panel(context: dg.AssetExecutionContext, sample_panel: dict[str, dict])
             kinds={"anndata", STORAGE_KIND},
             owners=OWNERS,
             code_version="1",
-            automation_condition=on_upstream_change(),
-            description="All references combined on the panel's genes, labels mapped to Cell Ontology, Cap & Fill balanced.",
+            automation_condition=on_usable_inputs_change(REFERENCE_ATLAS, references_partitions),
+            description=(
+                "All usable references combined on the panel's genes, labels mapped to Cell Ontology, Cap & Fill "
+                "balanced. A reference whose latest materialization failed is left out and reported (metadata "
+                "`skipped_inputs`, WARN check `skipped_inputs`); a removed one leaves with its partition."
+            ),
         ),
         "label_mapping": dg.AssetOut(
             kinds={"parquet", STORAGE_KIND},
             owners=OWNERS,
             code_version="1",
-            automation_condition=on_upstream_change(),
+            automation_condition=on_usable_inputs_change(REFERENCE_ATLAS, references_partitions),
             description="Reference label → Cell Ontology id mapping (tier, score, cells per source) for the panel.",
         ),
     },
-    ins={"reference_atlas": dg.AssetIn(partition_mapping=dg.AllPartitionMapping()), "gene_panel": dg.AssetIn()},
+    ins={"gene_panel": dg.AssetIn()},
+    # every reference is an input, read by the asset itself: only the usable ones (defs/health.py)
+    deps=[dg.AssetDep(REFERENCE_ATLAS, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[skipped_inputs_check_spec("training_set", "reference_atlas", panels_partitions)],
     partitions_def=panels_partitions,
     group_name="celltyping",
     pool="heavy",
@@ -111,14 +127,14 @@ def gene_panel(context: dg.AssetExecutionContext, sample_panel: dict[str, dict])
 )
 def training_set(
     context: dg.AssetExecutionContext,
-    reference_atlas: dict,
     gene_panel: dict,
     storage: StorageResource,
     settings: PlatformSettings,
 ):
     panel = Panel.from_record(one_partition(context, "gene_panel", gene_panel))
-    references = by_partition(context, "reference_atlas", reference_atlas)
-    result = build_training_set(list(references.values()), panel, settings, s3_settings=storage.s3_settings())
+    selection = require_some(select_usable_inputs(context, REFERENCE_ATLAS, references_partitions), "training_set")
+    references = load_partitions(context, REFERENCE_ATLAS, selection.used, python_type=dict)
+    result = build_training_set([references[k] for k in sorted(references)], panel, settings, s3_settings=storage.s3_settings())
     tset, mapping = result.training_set, result.mapping_table
     counts = tset.obs[schema.CELL_TYPE].value_counts()
     yield dg.Output(
@@ -136,12 +152,14 @@ def training_set(
             "class_counts": md_table(["class", "cells"], counts.items()),
             "parameters": dg.MetadataValue.json(tset.uns["training_parameters"]),
             "library_versions": library_versions(),
+            **selection.metadata(),
         },
     )
     yield dg.Output(
         mapping,
         output_name="label_mapping",
         metadata={
+            **selection.metadata(),
             "panel_id": panel.id,
             "n_labels": len(mapping),
             "n_mapped": int(mapping["ontology_term_id"].astype(str).str.startswith("CL:").sum()),
@@ -149,6 +167,7 @@ def training_set(
             **table_metadata(mapping),
         },
     )
+    yield selection.check_result("training_set")
 
 
 @dg.asset(
@@ -317,5 +336,7 @@ def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSe
 )
 def cell_type_summary(context: dg.AssetExecutionContext, cell_type_annotations: ad.AnnData) -> pd.DataFrame:
     table = summarize_annotations(cell_type_annotations, sample_id=context.partition_key)
+    # which annotations it summarizes (the audit's annotations -> summary link)
+    table.attrs[LINEAGE] = {"cell_type_annotations_run_id": str(cell_type_annotations.uns[schema.PROVENANCE_UNS].get("run_id", ""))}
     context.add_output_metadata({"table": dg.MetadataValue.md(table.to_markdown(index=False)), **table_metadata(table)})
     return table

@@ -8,9 +8,11 @@ import pandas as pd
 
 from spatial_assets.defs.automation import downstream_of_checked, fit_once_when_samples_exist, on_upstream_change
 from spatial_assets.defs.execution import op_tags_for
+from spatial_assets.defs.health import load_partitions, require_some, select_usable_inputs, skipped_inputs_check_spec
 from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
-from spatial_assets.defs.partitions import by_partition, samples_partitions
+from spatial_assets.defs.partitions import samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
+from spatial_assets.defs.samples.checks import SPATIAL_CELLS_BLOCKING_CHECKS
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.domains.engine import DomainModel
 from spatial_assets.platform.domains import (
@@ -19,7 +21,10 @@ from spatial_assets.platform.domains import (
     mark_islands,
     spatially_variable_genes_table,
 )
-from spatial_assets.core.lineage import library_versions
+from spatial_assets.core.lineage import LINEAGE, library_versions
+
+
+SPATIAL_CELLS = dg.AssetKey("spatial_cells")
 
 
 def _engine_config(settings: PlatformSettings) -> dict:
@@ -27,9 +32,11 @@ def _engine_config(settings: PlatformSettings) -> dict:
 
 
 @dg.asset(
-    ins={"spatial_cells": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    # every sample is an input, read by the asset itself: only the usable ones (defs/health.py)
+    deps=[dg.AssetDep(SPATIAL_CELLS, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=[skipped_inputs_check_spec("domain_model", "spatial_cells")],
     # Fitted once when missing, then reused: a new sample must not refit (and so relabel) the
-    # others. Materialize it by hand (domain_model_job) to refit on every registered sample.
+    # others. Materialize it by hand (domain_model_job) to refit on every usable sample.
     automation_condition=fit_once_when_samples_exist(),
     group_name="domains",
     owners=OWNERS,
@@ -39,8 +46,10 @@ def _engine_config(settings: PlatformSettings) -> dict:
     kinds={"numpy", STORAGE_KIND},
     description="The shared domain model (one embedding for all samples, hierarchical levels), stored by the IO manager as npz+json in a zip with its sha256.",
 )
-def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, settings: PlatformSettings) -> DomainModel:
-    spatial_cells = by_partition(context, "spatial_cells", spatial_cells)
+def domain_model(context: dg.AssetExecutionContext, settings: PlatformSettings):
+    # a truncated, 0-gene or Ensembl-id sample fails spatial_cells or its blocking checks: left out, reported
+    selection = require_some(select_usable_inputs(context, SPATIAL_CELLS, samples_partitions, SPATIAL_CELLS_BLOCKING_CHECKS), "domain_model")
+    spatial_cells = load_partitions(context, SPATIAL_CELLS, selection.used, python_type=ad.AnnData)
     samples = [spatial_cells[k] for k in sorted(spatial_cells)]
     model = fit_domain_model(
         samples,
@@ -52,20 +61,20 @@ def domain_model(context: dg.AssetExecutionContext, spatial_cells: dict, setting
     )
     meta = model.metadata()
     fitted_on = sorted(spatial_cells)
-    context.add_output_metadata(
-        {
-            "engine": meta.get("engine", ""),
-            "levels": ", ".join(str(int(k)) for k in model.levels),
-            "n_domains": int(model.n_domains),
-            "fitted_on": ", ".join(fitted_on),
-            "fitted_on_content_sha256": dg.MetadataValue.json(
-                {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in fitted_on}
-            ),
-            "model_metadata": dg.MetadataValue.json(meta),
-            "library_versions": library_versions(),
-        }
-    )
-    return model  # the IO manager packs it (zip + card with its sha256) and verifies it on load
+    metadata = {
+        "engine": meta.get("engine", ""),
+        "levels": ", ".join(str(int(k)) for k in model.levels),
+        "n_domains": int(model.n_domains),
+        "fitted_on": ", ".join(fitted_on),
+        "fitted_on_content_sha256": dg.MetadataValue.json(
+            {k: str(spatial_cells[k].uns.get("content_sha256", "")) for k in fitted_on}
+        ),
+        "model_metadata": dg.MetadataValue.json(meta),
+        "library_versions": library_versions(),
+    }
+    # the IO manager packs it (zip + card with its sha256) and verifies it on load
+    yield dg.Output(model, metadata={**metadata, **selection.metadata()})
+    yield selection.check_result("domain_model")
 
 
 @dg.asset(
@@ -89,6 +98,11 @@ def spatial_domains(
     assigned = mark_islands(domain_model.assign(spatial_cells), min_size=settings.island_min_size, exclude=settings.exclude_islands)
     annotated, assignment = annotate_domains_with_signatures(assigned, settings.domain_signatures)
     annotated.uns["domain_model_sha256"] = model_sha256
+    annotated.uns[LINEAGE] = {  # what the audit compares with the current spatial_cells / domain model
+        "run_id": context.run.run_id,
+        "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
+        "domain_model_sha256": model_sha256,
+    }
     counts = annotated.obs["domain"].value_counts()
     calls = dict(zip(assignment["domain"], assignment["assigned_cell_types"]))
     metadata = {
@@ -141,6 +155,7 @@ def domain_composition(
     merged = spatial_domains.copy()
     merged.obs["cell_type"] = cell_type_annotations.obs["cell_type"].reindex(merged.obs_names).astype(str).to_numpy()
     table = compose(merged, domain_key="domain", cell_type_key="cell_type", sample_key="sample_id")
+    table.attrs[LINEAGE] = {"spatial_domains_run_id": _run_id_of(spatial_domains), "cell_type_annotations_run_id": _annotations_run_id(cell_type_annotations)}
     meta = {"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)}
 
     def _plot(out_dir: Path) -> dict:
@@ -165,6 +180,7 @@ def domain_markers(context: dg.AssetExecutionContext, spatial_domains: ad.AnnDat
     from spatial_assets.domains.annotation import domain_marker_genes
 
     table = domain_marker_genes(spatial_domains, domain_key="domain", n_genes=10)
+    table.attrs[LINEAGE] = {"spatial_domains_run_id": _run_id_of(spatial_domains)}
     context.add_output_metadata({"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)})
     return table
 
@@ -210,3 +226,11 @@ def spatially_variable_genes(
         }
     )
     return table
+
+
+def _run_id_of(spatial_domains: ad.AnnData) -> str:
+    return str((spatial_domains.uns.get(LINEAGE) or {}).get("run_id", ""))
+
+
+def _annotations_run_id(annotations: ad.AnnData) -> str:
+    return str((annotations.uns.get("provenance") or {}).get("run_id", ""))

@@ -21,7 +21,7 @@ from spatial_assets.defs.partitions import add_partitions, panels_partitions, sa
 from spatial_assets.defs.resources import StorageResource
 from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.platform.panels import sample_panel as panel_of_sample
-from spatial_assets.platform.registry import prefix_uri, scan_landing
+from spatial_assets.platform.registry import SampleUnreadableError, prefix_uri, scan_landing
 
 
 @dg.asset(
@@ -39,8 +39,13 @@ def spatial_cells(context: dg.AssetExecutionContext, storage: StorageResource, s
     if sample_id not in landed:
         raise FileNotFoundError(f"sample {sample_id!r}: nothing under {prefix_uri(store, settings.landing_prefix)}")
     key = landed[sample_id].h5ad_key
-    adata = prepare_spatial_cells(ad.read_h5ad(store.get_file(key)), sample_id=sample_id, source=store.uri(key))
+    try:
+        raw = ad.read_h5ad(store.get_file(key))
+    except OSError as exc:  # truncated / not HDF5: h5py's message does not name the file
+        raise SampleUnreadableError(f"{store.uri(key)}: cannot read it as an .h5ad sample ({exc})") from exc
+    adata = prepare_spatial_cells(raw, sample_id=sample_id, source=store.uri(key))
     panel = panel_of_sample(adata, settings.panel_genes, sample_id=sample_id)
+    adata.uns["landing_fingerprint"] = landed[sample_id].fingerprint  # the audit's landed file -> spatial_cells link
     context.add_output_metadata(
         {
             # asset-level names: `uri` / `sha256` are the IO manager's record of the stored object

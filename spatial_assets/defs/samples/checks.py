@@ -68,3 +68,10 @@ def spatial_cells_gene_overlap(
 
 def _numeric(d: dict) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+#: what a sample must pass to be used by a shared asset (domain_model): every blocking check above
+SPATIAL_CELLS_BLOCKING_CHECKS = tuple(
+    sorted((spec.key for c in (spatial_cells_normalization, spatial_cells_gene_overlap) for spec in c.check_specs if spec.blocking),
+           key=lambda k: k.name)
+)
