@@ -1,9 +1,14 @@
 """Platform settings shared by assets, checks and sensors (one resource, configured per deployment)."""
 
+from typing import Optional
+
 import dagster as dg
 
 from spatial_assets.platform.manifest import MANIFEST_KEY
 from spatial_assets.platform.registry import LANDING_PREFIX
+from spatial_assets.segmentation.qc import QCFilters, QCLimits
+
+_QC, _LIMITS = QCFilters(), QCLimits()  # the QC defaults live in the segmentation package, once
 
 
 class PlatformSettings(dg.ConfigurableResource):
@@ -32,6 +37,22 @@ class PlatformSettings(dg.ConfigurableResource):
     domain_signatures: str = "mouse_brain"  # bundled signature set name, or a YAML path
     island_min_size: int = 10  # connected patches of fewer cells are flagged obs['is_island']
     exclude_islands: bool = False  # True: islands get no domain (NaN) instead of the model's call
+    # raw samples (instrument folders): segmentation
+    segmentation_method: str = ""  # empty: 'vendor' where the folder has the instrument's cells, else 'watershed'
+    segmentation_expand_um: Optional[float] = None  # max expansion beyond the nucleus, µm (None: the method's default)
+    segmentation_z: str = "all"  # image z plane segmented, or 'all' (maximum projection)
+    segmentation_weights_dir: str = ""  # local weights for stardist / cellpose (never downloaded)
+    # raw samples: cell QC filters applied before annotation, and the limits the QC check warns above
+    qc_min_counts: int = _QC.min_counts
+    qc_min_genes: int = _QC.min_genes
+    qc_max_control_fraction: float = _QC.max_control_fraction
+    qc_min_area_um2: Optional[float] = _QC.min_area_um2
+    qc_max_area_um2: Optional[float] = _QC.max_area_um2
+    qc_max_mt_fraction: Optional[float] = _QC.max_mt_fraction
+    qc_island_min_size: int = _QC.island_min_size
+    qc_exclude_islands: bool = _QC.exclude_islands
+    qc_warn_control_fraction: float = _LIMITS.max_control_fraction
+    qc_warn_assigned_fraction: float = _LIMITS.min_assigned_fraction
 
 
 def settings_from_env() -> PlatformSettings:
@@ -47,6 +68,8 @@ def settings_from_env() -> PlatformSettings:
         overrides["n_domains"] = int(os.environ["SPATIAL_ASSETS_N_DOMAINS"])
     if os.environ.get("SPATIAL_ASSETS_DOMAIN_ENGINE"):
         overrides["domain_engine"] = os.environ["SPATIAL_ASSETS_DOMAIN_ENGINE"]
+    if os.environ.get("SPATIAL_ASSETS_SEGMENTATION_METHOD"):
+        overrides["segmentation_method"] = os.environ["SPATIAL_ASSETS_SEGMENTATION_METHOD"]
     if os.environ.get("SPATIAL_ASSETS_NOVAE_MODEL_DIR"):
         overrides["domain_model_dir"] = os.environ["SPATIAL_ASSETS_NOVAE_MODEL_DIR"]
     return PlatformSettings(**overrides)
