@@ -36,7 +36,7 @@ KINDS = ("softmax", "raw", "margin", "1-entropy", "label-shift")
 def _candidates(out: ad.AnnData, model: TrainedModel) -> dict[str, np.ndarray]:
     D = np.asarray(out.obsm[schema.DECISION_SCORES_OBSM], dtype=np.float64)
     L = np.column_stack([np.zeros(len(D)), D[:, 1]]) if D.shape[1] == 2 and len(model.classes) == 2 else D
-    Z = L / model.temperature
+    Z = L / out.uns[schema.CELLTYPING_UNS]["temperature"]  # the temperature of the regime used
     P = np.exp(Z - Z.max(1, keepdims=True))
     P /= P.sum(1, keepdims=True)
     best, r = P.argmax(1), np.arange(len(P))

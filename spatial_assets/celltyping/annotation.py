@@ -7,11 +7,14 @@ row-local operation) and scored with the scaler folded into the weights (``z = x
 query's own matrix plus one batch plus the outputs; no normalised copy of the query ever exists.
 The per-gene query moments needed by the alignment are accumulated in one streaming pass.
 
-Platform shift (scRNA-seq reference → imaging query) is the main source of error. Per gene, an
-imaging panel's detection efficiency differs from scRNA-seq's, which shifts and rescales every
-gene's log expression; the reference scaler then puts query cells far from every class. Two
-alignments are computed and the one under which the query is most likely under the reference's
-own class-conditional model is used (``alignment="auto"``):
+Platform shift (scRNA-seq reference → imaging query) is the main source of error, and the
+remedies for it (query alignment, strong shrinkage) cost accuracy when there is none. So the
+decision is measured, not guessed: the composition-adjusted dispersion index of
+:mod:`spatial_assets.celltyping.shift` compares the query's per-gene spread with the reference
+mixture's at the query's own composition. Above :data:`~spatial_assets.celltyping.shift.SHIFT_INDEX_THRESHOLD`
+the model's ``shifted`` regime is used (strongly shrunk coefficients) with ``alignment="auto"``
+meaning ``"recenter"``; below it the ``same_platform`` regime (cross-validated shrinkage) with no
+alignment:
 
 * ``"none"``: reference scaler as is (what CellTypist does);
 * ``"recenter"``: standardise each gene with the query's own mean/sd, then shift every gene to
@@ -19,6 +22,9 @@ own class-conditional model is used (``alignment="auto"``):
   re-estimated from the predictions until it stops moving (EM). Plain per-query standardisation
   would assume the query has the reference's composition; this does not.
 
+Confidence is the regime's temperature-scaled softmax maximum; the default threshold is the
+regime's (the confidence at which out-of-fold reference cells reach the target precision), and is
+marked unverified when a shift was detected (reference cells then say little about the query).
 See docs/celltyping.md for the measurements behind this choice.
 """
 
@@ -31,21 +37,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from threadpoolctl import threadpool_limits
 
+from spatial_assets.celltyping.calibration import coverage_curve
+from spatial_assets.celltyping.shift import MIN_CELLS_FOR_INDEX, SHIFT_INDEX_THRESHOLD, dispersion_shift_index
 from spatial_assets.core import schema
 from spatial_assets.core.normalization import NormalizationPlan, plan_normalization
-from spatial_assets.celltyping.training import VAR_FLOOR, TrainedModel
+from spatial_assets.celltyping.training import REGIMES, TrainedModel
 
 logger = logging.getLogger(__name__)
 
 ALIGNMENTS = ("auto", "none", "recenter")
-N_LOGLIK_CELLS = 5_000
-#: BLAS threads for the alignment's dense log-likelihood products (the only BLAS work here: batch
-#: scores are scipy sparse products). They are at most N_LOGLIK_CELLS rows whatever the query size,
-#: too small for a second thread to pay off; measured in benchmarks/bench_threads.py (docs/celltyping.md).
-ALIGNMENT_BLAS_THREADS = 1
-METHOD = "panel logistic regression (sklearn lbfgs, celltypist layout) + composition-aware query alignment"
+METHOD = (
+    "panel logistic regression (sklearn lbfgs, celltypist layout); regime and query alignment chosen by a "
+    "composition-adjusted dispersion (platform-shift) index"
+)
 
 
 class GeneMismatchError(ValueError):
@@ -60,12 +65,6 @@ def _softmax(L: np.ndarray) -> np.ndarray:
     L = L - L.max(axis=1, keepdims=True)
     E = np.exp(L)
     return E / E.sum(axis=1, keepdims=True)
-
-
-def _logsumexp(L: np.ndarray, axis: int = 1, keepdims: bool = False) -> np.ndarray:
-    m = L.max(axis=axis, keepdims=True)
-    out = m + np.log(np.exp(L - m).sum(axis=axis, keepdims=True))
-    return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def _model_gene_index(adata: AnnData, model: TrainedModel, name: str) -> np.ndarray:
@@ -106,10 +105,11 @@ def prepare_query(adata: AnnData, model: TrainedModel, *, name: str = "query") -
 class _Linear:
     """The model as arrays: logits = z @ W.T + c with z = x * a + b (a, b per gene)."""
 
-    def __init__(self, model: TrainedModel) -> None:
-        clf, sc = model.classifier, model.scaler
-        self.W = np.asarray(clf.coef_, dtype=np.float64)  # (K', G); K' = 1 for a binary model
-        self.c = np.asarray(clf.intercept_, dtype=np.float64)
+    def __init__(self, model: TrainedModel, regime: str = "same_platform") -> None:
+        sc = model.scaler
+        W, c = model.coefficients(regime)
+        self.W = W  # (K', G); K' = 1 for a binary model
+        self.c = c
         G = self.W.shape[1]
         scale = np.asarray(sc.scale_, dtype=np.float64) if getattr(sc, "scale_", None) is not None else np.ones(G)
         mean = np.asarray(sc.mean_, dtype=np.float64) if getattr(sc, "with_mean", True) else np.zeros(G)
@@ -128,25 +128,6 @@ class _Linear:
     def decision(self, S: np.ndarray) -> np.ndarray:
         """celltypist's decision-score convention (binary: ``[-s, s]``)."""
         return np.column_stack([-S[:, 0], S[:, 0]]) if self.binary else S
-
-
-def _mixture_loglik(Z: np.ndarray, means: np.ndarray, variances: np.ndarray, n_iter: int = 30) -> float:
-    """Mean per-gene log-likelihood of ``Z`` under the reference's diagonal Gaussian class mixture.
-
-    Mixture weights are fitted by EM so a query with a different composition is not penalised.
-    """
-    v = variances + VAR_FLOOR
-    inv = 1.0 / v
-    # ||z - mu||^2 / v expanded: avoids a cells x classes x genes array
-    quad = (Z**2) @ inv.T - 2.0 * Z @ (means * inv).T + ((means**2) * inv).sum(axis=1)[None, :]
-    L = -0.5 * (quad + np.log(2 * np.pi * v).sum(axis=1)[None, :])
-    log_pi = np.full(means.shape[0], -np.log(means.shape[0]))
-    for _ in range(n_iter):
-        R = L + log_pi
-        R -= _logsumexp(R, axis=1, keepdims=True)
-        pi = np.exp(R).mean(axis=0) + 1e-12
-        log_pi = np.log(pi / pi.sum())
-    return float(_logsumexp(L + log_pi, axis=1).mean() / Z.shape[1])
 
 
 def _scan_query(
@@ -173,25 +154,24 @@ def _scan_query(
     return mean, np.sqrt(var), sp.vstack(picked, format="csr")
 
 
-def _fit_alignment(
-    plan: NormalizationPlan,
+def _query_index(model: TrainedModel, lin: _Linear, qmean: np.ndarray, qsd: np.ndarray, n_obs: int) -> dict[str, Any]:
+    """The platform-shift index in the model's standardised space (``z = x * a_ref + b_ref``)."""
+    if n_obs < MIN_CELLS_FOR_INDEX:
+        return {"index": float("nan"), "mean_index": float("nan"), "n_genes": 0, "composition": None}
+    return dispersion_shift_index(model.class_means, model.class_vars, qmean * lin.a_ref + lin.b_ref, qsd * lin.a_ref)
+
+
+def _recenter(
     model: TrainedModel,
     lin: _Linear,
-    alignment: str,
+    qmean: np.ndarray,
+    qsd: np.ndarray,
+    Xs: sp.csr_matrix,
     *,
-    seed: int,
-    n_fit: int,
-    batch_size: int,
     max_em_iter: int = 30,
     tol: float = 1e-3,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Choose and fit the per-gene map ``z = x * a + b`` (query moments streamed; EM on a seeded subsample)."""
-    if alignment == "none":
-        return lin.a_ref, lin.b_ref, {"alignment": "none"}
-    rng = np.random.default_rng(seed)
-    n = plan.n_obs
-    rows = np.sort(rng.choice(n, size=n_fit, replace=False)) if n > n_fit else np.arange(n)
-    qmean, qsd, Xs = _scan_query(plan, rows, batch_size)
+    """Composition-aware recentering ``z = (x - mean_q) / sd_q + pi @ class_means`` (EM for ``pi``)."""
     a = np.where(qsd > 0, 1.0 / np.where(qsd > 0, qsd, 1.0), 0.0)
     b_own = -qmean * a
     means = model.class_means
@@ -207,23 +187,12 @@ def _fit_alignment(
         pi = new_pi
         if delta < tol:
             break
-    offset = pi @ means
-    info: dict[str, Any] = {
+    info = {
         "em_iterations": n_iter,
         "estimated_proportions": {str(k): float(p) for k, p in zip(model.classes, pi)},
-        "n_cells_fit": int(len(rows)),
+        "n_cells_fit": int(Xs.shape[0]),
     }
-    if alignment == "recenter":
-        info["alignment"] = "recenter"
-        return a, b_own + offset, info
-    m = min(len(rows), N_LOGLIK_CELLS)  # the mean log-likelihood is stable on a few thousand cells
-    D = Xs[:m].toarray().astype(np.float64)
-    with threadpool_limits(limits=ALIGNMENT_BLAS_THREADS, user_api="blas"):
-        ll_none = _mixture_loglik(D * lin.a_ref + lin.b_ref, means, model.class_vars)
-        ll_rec = _mixture_loglik(D * a + (b_own + offset), means, model.class_vars)
-    chosen = "recenter" if ll_rec > ll_none else "none"
-    info.update({"alignment": chosen, "loglik_none": ll_none, "loglik_recenter": ll_rec})
-    return (a, b_own + offset, info) if chosen == "recenter" else (lin.a_ref, lin.b_ref, info)
+    return a, b_own + pi @ means, info
 
 
 def _categorical(values_per_code: list[str], codes: np.ndarray) -> pd.Categorical:
@@ -239,37 +208,85 @@ def annotate(
     adata: AnnData,
     model: TrainedModel,
     *,
-    confidence_threshold: float = 0.5,
+    confidence_threshold: float | None = None,
     batch_size: int = 10_000,
     alignment: str = "auto",
     seed: int = 0,
     n_fit_cells: int = 20_000,
+    shift_threshold: float = SHIFT_INDEX_THRESHOLD,
+    regime: str = "auto",
     name: str = "query",
 ) -> AnnData:
     """Return a new AnnData with calls, decision scores and calibrated confidence in obs/obsm/uns.
 
+    ``confidence_threshold=None`` (the default everywhere) takes the model's threshold for the
+    regime used: the confidence at which out-of-fold reference cells reached the model's target
+    precision. ``alignment``: ``auto`` (recenter only when the shift index says there is a platform
+    shift), ``none`` or ``recenter`` (forced; the regime still follows the index). ``regime``:
+    ``auto`` (by the index), or ``same_platform`` / ``shifted`` forced (for ablations; with
+    ``alignment="auto"`` the alignment then follows the forced regime).
     Missing model genes are an error (naming them): zero-filling would silently bias every
-    decision score. ``cell_type_confidence`` is the temperature-scaled softmax maximum (temperature
-    from held-out reference cells at training), so it spans [1/K, 1] for any K, including K=2.
-    The returned object shares X/layers with ``adata`` (never modified); obs/uns are new.
+    decision score. ``cell_type_confidence`` is the temperature-scaled softmax maximum, so it
+    spans [1/K, 1] for any K, including K=2. Everything decided (index, regime, alignment,
+    threshold, and why) is recorded in ``uns['celltyping']``. The returned object shares
+    X/layers with ``adata`` (never modified); obs/uns are new.
     """
     if alignment not in ALIGNMENTS:
         raise AnnotationError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    if not 0.0 <= confidence_threshold <= 1.0:
-        raise AnnotationError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    if regime not in ("auto",) + REGIMES:
+        raise AnnotationError(f"regime must be 'auto' or one of {REGIMES}, got {regime!r}")
+    if confidence_threshold is not None and not 0.0 <= confidence_threshold <= 1.0:
+        raise AnnotationError(f"confidence_threshold must be in [0, 1] or None (the model's), got {confidence_threshold}")
     if batch_size < 1:
         raise AnnotationError(f"batch_size must be >= 1, got {batch_size}")
     if adata.n_obs == 0:
         raise AnnotationError(f"{name}: query has no cells")
 
     plan = _plan(adata, model, name)
-    lin = _Linear(model)
-    a, b, info = _fit_alignment(plan, model, lin, alignment, seed=seed, n_fit=n_fit_cells, batch_size=batch_size)
+    n = plan.n_obs
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=n_fit_cells, replace=False)) if n > n_fit_cells else np.arange(n)
+    qmean, qsd, Xs = _scan_query(plan, rows, batch_size)
+    base = _Linear(model, "same_platform")
+    shift = _query_index(model, base, qmean, qsd, n)
+    measured = bool(np.isfinite(shift["index"]))
+    shifted = measured and shift["index"] > shift_threshold
+    if not measured:
+        why = f"fewer than {MIN_CELLS_FOR_INDEX} query cells: shift not measurable, same-platform regime"
+    else:
+        rel = ">" if shifted else "<="
+        why = f"shift index {shift['index']:.3f} {rel} {shift_threshold:g}: " + (
+            "platform shift, strong-shrinkage regime" if shifted else "no platform shift, cross-validated regime"
+        )
+    if regime == "auto":
+        regime = "shifted" if shifted else "same_platform"
+    else:
+        why = f"regime {regime} forced by the caller ({why})"
+        shifted = regime == "shifted"
+    used = ("recenter" if shifted else "none") if alignment == "auto" else alignment
+    lin = base if regime == "same_platform" else _Linear(model, regime)
+    info: dict[str, Any] = {}
+    if used == "recenter":
+        a, b, info = _recenter(model, lin, qmean, qsd, Xs)
+    else:
+        a, b = lin.a_ref, lin.b_ref
+    del Xs
+    reg_info = model.regime(regime)
+    T = np.float32(reg_info.get("temperature", model.temperature))
+    model_thr = reg_info.get("threshold", {})
+    if confidence_threshold is None:
+        if "threshold" not in model_thr:
+            raise AnnotationError(f"{name}: the model records no default confidence threshold; pass confidence_threshold")
+        threshold = float(model_thr["threshold"])
+        source = f"model ({regime} regime): out-of-fold reference cells reach precision {model_thr['target_precision']:g}"
+    else:
+        threshold = float(confidence_threshold)
+        source = "caller"
+    verified = source != "caller" and not shifted and bool(model_thr.get("target_reached", False))
+
     Wf, c = lin.fold(a, b)
     c32 = c.astype(np.float32)
     K = len(model.classes)
-    T = np.float32(model.temperature)
-    n = plan.n_obs
     scores = np.empty((n, K), dtype=np.float32)
     conf = np.empty(n, dtype=np.float32)
     best = np.empty(n, dtype=np.int64)
@@ -286,7 +303,7 @@ def annotate(
 
     classes = [str(k) for k in model.classes]
     ontology = model.card.get("ontology", {})
-    assigned = conf >= confidence_threshold
+    assigned = conf >= threshold
     call_codes = np.where(assigned, best, K)
     terms = [ontology.get(k, {}).get("term_id", "unknown") for k in classes] + [schema.UNASSIGNED_ONTOLOGY_ID]
     tlabels = [ontology.get(k, {}).get("label", k) for k in classes] + [schema.UNASSIGNED_ONTOLOGY_LABEL]
@@ -302,19 +319,48 @@ def annotate(
     uns = dict(adata.uns)
     label_map = model.card.get("label_map", {})
     uns[schema.LABEL_MAP_UNS] = {str(k): list(label_map.get(str(k), [str(k)])) for k in model.classes}
-    uns[schema.CELLTYPING_UNS] = {
+    reg = reg_info.get("reg_per_cell", "")
+    record: dict[str, Any] = {
         "method": METHOD,
-        "confidence_threshold": float(confidence_threshold),
+        "shift_index": float(shift["index"]),
+        "shift_mean_index": float(shift["mean_index"]),
+        "shift_index_threshold": float(shift_threshold),
+        "shift_index_genes": int(shift["n_genes"]),
+        "platform_shift": bool(shifted),
+        "regime": regime,
+        "regime_reason": why,
+        "alignment_requested": alignment,
+        "alignment": used,
+        "reg_per_cell": reg if reg is not None else "C given by the caller",
+        "regularization_reason": str(reg_info.get("why", "")),
+        "confidence_threshold": threshold,
+        "threshold_source": source,
+        "threshold_target_precision": float(model_thr.get("target_precision", float("nan"))),
+        "threshold_expected_coverage": float(model_thr.get("expected_coverage", float("nan"))) if source != "caller" else float("nan"),
+        "threshold_verified": bool(verified),
+        "threshold_note": (
+            "held-out reference precision applies: no platform shift detected"
+            if verified
+            else "unverified: a platform shift was detected, reference cells do not bound the query's precision"
+            if shifted and source != "caller"
+            else "set by the caller" if source == "caller" else "target precision not reached on held-out cells"
+        ),
         "confidence": "temperature-scaled softmax maximum",
-        "temperature": float(model.temperature),
+        "temperature": float(T),
         "classes": list(model.classes),
+        "rare_classes": list(model.card.get("rare_classes", [])),
         "model_sha256": model.sha256 or "",
         "n_genes": len(model.genes),
         "gene_overlap": 1.0,
         "unassigned_fraction": float(1.0 - assigned.mean()),
+        "coverage_curve_reference": dict(reg_info.get("curve", {})),
+        "coverage_curve_query": coverage_curve(conf),
         "normalization": plan.record(),
-        **{k: v for k, v in info.items()},
+        **info,
     }
+    if shift["composition"] is not None:
+        record["composition_from_means"] = {k: float(p) for k, p in zip(classes, shift["composition"])}
+    uns[schema.CELLTYPING_UNS] = record
     obsm = dict(adata.obsm.items())
     obsm[schema.DECISION_SCORES_OBSM] = scores
     return AnnData(

@@ -38,11 +38,17 @@ def build_training_set(
     target_proportions: Mapping[str, float] | str | None = None,
     strategy: str = "proportional",
     placeholder_labels: Sequence[str] | None = None,
-    min_cells_per_type: int = 10,
+    min_cells_per_type: int = 3,
     min_per_source: int = 0,
     seed: int = 0,
 ) -> tuple[AnnData, pd.DataFrame]:
-    """combine → ontology → balance; returns (balanced training set, ontology mapping table)."""
+    """combine → ontology → balance; returns (balanced training set, ontology mapping table).
+
+    ``min_cells_per_type=3``: a class a query may contain must exist in the model to be called at
+    all; dropping classes below 10 cells made their query cells always wrong, and keeping them
+    down to 3 cost nothing elsewhere (docs/celltyping.md). Such classes are flagged as rare in the
+    model card and ``uns['celltyping']['rare_classes']``.
+    """
     from spatial_assets.celltyping.balancing import cap_and_fill
     from spatial_assets.celltyping.ontology import apply_ontology
     from spatial_assets.celltyping.references import DEFAULT_PLACEHOLDER_LABELS, combine_references
@@ -69,19 +75,23 @@ def run_celltyping(
     references: Sequence[Any],
     spatial: AnnData,
     *,
-    confidence_threshold: float = 0.8,
+    confidence_threshold: float | None = None,
     max_cells_per_type: int = 5000,
     target_proportions: Mapping[str, float] | str | None = None,
     strategy: str = "proportional",
     seed: int = 0,
     placeholder_labels: Sequence[str] | None = None,
-    min_cells_per_type: int = 10,
+    min_cells_per_type: int = 3,
     alignment: str = "auto",
+    reg_per_cell: float | str = "auto",
     spatial_name: str = "spatial",
     progress: Callable[[str], None] | None = None,
 ) -> CellTypingResult:
     """Train on the references over the spatial panel and annotate ``spatial`` (not modified).
 
+    Defaults decide from the data: ``reg_per_cell="auto"`` (cross-validated on the reference, plus
+    the strong path for a platform shift), ``alignment="auto"`` (by the measured shift index) and
+    ``confidence_threshold=None`` (the model's threshold at its target precision).
     ``progress`` (e.g. the CLI's progress printer) is called with one line before each long step.
     """
     say = progress or (lambda message: None)
@@ -101,12 +111,76 @@ def run_celltyping(
         seed=seed,
     )
     say(f"training model on {training.n_obs:,} cells × {training.n_vars:,} genes")
-    model = train_model(training, label_column=schema.CELL_TYPE, seed=seed)
+    model = train_model(training, label_column=schema.CELL_TYPE, seed=seed, reg_per_cell=reg_per_cell)
     say(f"annotating {spatial.n_obs:,} cells with {len(model.classes)} classes")
     annotated = annotate(
         spatial, model, confidence_threshold=confidence_threshold, alignment=alignment, seed=seed, name=spatial_name
     )
     return CellTypingResult(annotated=annotated, model=model, training_set=training, mapping_table=mapping)
+
+
+def decision_metadata(annotated: AnnData) -> dict[str, Any]:
+    """What annotation decided and why, flat and JSON-safe (for materialization metadata).
+
+    Shift index and threshold, regime and alignment with their reasons, the confidence threshold
+    with its source and whether held-out reference cells vouch for it, rare classes, and the
+    coverage-accuracy curves (reference held-out cells; query Unassigned fraction per threshold).
+    """
+    info = annotated.uns.get(schema.CELLTYPING_UNS, {})
+    keys = (
+        "shift_index", "shift_index_threshold", "platform_shift", "regime", "regime_reason", "alignment_requested",
+        "alignment", "reg_per_cell", "regularization_reason", "confidence_threshold", "threshold_source",
+        "threshold_target_precision", "threshold_expected_coverage", "threshold_verified", "threshold_note",
+        "temperature", "unassigned_fraction", "rare_classes",
+    )  # fmt: skip
+    out: dict[str, Any] = {k: _plain(info[k]) for k in keys if k in info}
+    for k in ("coverage_curve_reference", "coverage_curve_query"):
+        if k in info:
+            out[k] = {c: [float(v) for v in vals] for c, vals in info[k].items()}
+    return out
+
+
+def model_metadata(model: TrainedModel) -> dict[str, Any]:
+    """The model card's decisions per regime (regularisation and why, temperature, default
+    threshold with its expected coverage), the rare classes and the cross-validation walk."""
+    card = model.card
+    regimes = {}
+    for name, r in card.get("regimes", {}).items():
+        thr = r.get("threshold", {})
+        regimes[name] = {
+            "reg_per_cell": _plain(r.get("reg_per_cell")),
+            "why": r.get("why", ""),
+            "temperature": _plain(r.get("temperature")),
+            "threshold": _plain(thr.get("threshold")),
+            "target_precision": _plain(thr.get("target_precision")),
+            "expected_coverage": _plain(thr.get("expected_coverage")),
+            "held_out_accuracy": _plain(thr.get("held_out_accuracy")),
+            "threshold_verified": bool(r.get("threshold_verified", False)),
+        }
+    grid = card.get("cross_validation", {}).get("grid", [])
+    return {
+        "regimes": regimes,
+        "rare_classes": list(card.get("rare_classes", [])),
+        "cv_criterion": card.get("parameters", {}).get("cv_criterion", ""),
+        "cv_grid": [
+            {"reg_per_cell": _plain(g["reg_per_cell"]), "criterion": _plain(g.get("held_out_nll_class_balanced")),
+             "se": _plain(g.get("held_out_nll_class_balanced_se")), "accuracy": _plain(g.get("held_out_accuracy"))}
+            for g in grid
+        ],  # fmt: skip
+    }
+
+
+def _plain(v: Any) -> Any:
+    """numpy scalars/arrays to Python; NaN to None (JSON has no NaN)."""
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
 
 
 def score_against_labels(

@@ -33,6 +33,7 @@ PLOT_FILES = {
     "deg_heatmap": "deg_heatmap.png",
     "ontology_table": "ontology_table.png",
     "marker_validation": "marker_validation.png",
+    "coverage_accuracy": "coverage_accuracy.png",
 }
 _MAX_STRIP_POINTS_PER_TYPE = 2_000
 _MAX_SPATIAL_POINTS = 200_000
@@ -253,6 +254,58 @@ def plot_marker_validation(
     return _save(fig, out_path)
 
 
+def plot_coverage_accuracy(adata: ad.AnnData, out_path: str | Path) -> Path:
+    """Coverage–accuracy curve behind the default confidence threshold, and the query's coverage.
+
+    Left: held-out reference cells (out-of-fold at training), Unassigned fraction vs accuracy of
+    the assigned cells as the threshold rises, the model's target precision and the threshold
+    used. Right: the query's Unassigned fraction per threshold beside the reference's; a query
+    far above the reference curve is less confident than the reference predicted (typically a
+    platform shift, for which the threshold is marked unverified).
+    """
+    info = adata.uns.get(schema.CELLTYPING_UNS)
+    if not isinstance(info, Mapping) or "coverage_curve_reference" not in info:
+        raise PlotInputError(f"uns[{schema.CELLTYPING_UNS!r}] has no coverage_curve_reference (annotate() writes it)")
+    ref = info["coverage_curve_reference"]
+    query = info.get("coverage_curve_query", {})
+    if not len(ref.get("threshold", [])):
+        raise PlotInputError("the reference coverage curve is empty")
+    thr = float(info["confidence_threshold"])
+    t_ref = np.asarray(ref["threshold"], dtype=float)
+    u_ref = np.asarray(ref["unassigned_fraction"], dtype=float)
+    a_ref = np.asarray(ref["assigned_accuracy"], dtype=float)
+
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    ax_l, ax_r = fig.subplots(1, 2)
+    ax_l.plot(u_ref, a_ref, "o-", color="#1f77b4", markersize=3, label="held-out reference cells")
+    for t, u, a in zip(t_ref, u_ref, a_ref):
+        if abs(t * 10 - round(t * 10)) < 1e-9:  # label every 0.1
+            ax_l.annotate(f"{t:.1f}", (u, a), textcoords="offset points", xytext=(3, -9), fontsize=7)
+    target = info.get("threshold_target_precision")
+    if target is not None and np.isfinite(float(target)):
+        ax_l.axhline(float(target), color="grey", linestyle=":", label=f"target precision {float(target):g}")
+    coverage = info.get("threshold_expected_coverage")
+    if coverage is not None and np.isfinite(float(coverage)):
+        ax_l.plot([1 - float(coverage)], [float(target)], "*", color="#d62728", markersize=12,
+                  label=f"model threshold {thr:.2f}: expected Unassigned {1 - float(coverage):.0%}")  # fmt: skip
+    ax_l.set_xlabel("Unassigned fraction")
+    ax_l.set_ylabel("accuracy of assigned cells")
+    verified = "verified" if info.get("threshold_verified") else "UNVERIFIED (platform shift or caller's threshold)"
+    ax_l.set_title(f"coverage vs accuracy ({info.get('regime', '?')} regime; threshold {verified})", fontsize=9)
+    ax_l.legend(fontsize=8, loc="lower right")
+
+    ax_r.plot(t_ref, u_ref, "-", color="#1f77b4", label="held-out reference cells")
+    if len(query.get("threshold", [])):
+        ax_r.plot(query["threshold"], query["unassigned_fraction"], "-", color="#ff7f0e", label="this query")
+    ax_r.axvline(thr, color="#d62728", linestyle="--", label=f"threshold used {thr:.2f}")
+    ax_r.set_xlabel("confidence threshold")
+    ax_r.set_ylabel("Unassigned fraction")
+    ax_r.set_ylim(0, 1)
+    ax_r.set_title(f"Unassigned at the threshold: {float(info.get('unassigned_fraction', float('nan'))):.1%} of the query", fontsize=9)
+    ax_r.legend(fontsize=8, loc="upper left")
+    return _save(fig, out_path)
+
+
 def write_celltyping_plots(
     adata: ad.AnnData,
     out_dir: str | Path,
@@ -279,6 +332,7 @@ def write_celltyping_plots(
         "confidence_map": lambda p: plot_confidence_map(adata, p, threshold=_need(threshold)),
         "deg_heatmap": lambda p: plot_deg_heatmap(adata, p),
         "marker_validation": lambda p: plot_marker_validation(adata, p, markers=markers, threshold=threshold),
+        "coverage_accuracy": lambda p: plot_coverage_accuracy(adata, p),
     }
     if mapping_table is not None:
         jobs["ontology_table"] = lambda p: plot_ontology_table(mapping_table, p)

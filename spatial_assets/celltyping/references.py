@@ -397,7 +397,7 @@ def combine_references(
     specs: Sequence[ReferenceSpec],
     panel_genes: Sequence[str],
     *,
-    min_cells_per_type: int = 10,
+    min_cells_per_type: int = 3,
     placeholder_labels: Sequence[str] = DEFAULT_PLACEHOLDER_LABELS,
     settings: S3Settings | None = None,
     seed: int = 0,

@@ -11,9 +11,11 @@ standardised float32 copy of the training matrix (scikit-learn's solver upcasts 
 every gradient evaluation: 2x the memory and ~4x the time), via ``scipy.optimize`` L-BFGS-B with
 scikit-learn's stopping rules. Neither scanpy nor celltypist is imported.
 
-The classifier also carries what annotation needs to handle platform shift (per-class means and
-variances of the scaled training data) and a softmax temperature fitted on held-out reference
-cells (calibration); see ``docs/celltyping.md``.
+The classifier also carries what annotation needs to decide, per query, whether there is a
+platform shift and what to do about it: per-class means and variances of the scaled training data
+(the shift index and the composition-aware alignment), a second coefficient set for the shifted
+regime (strong shrinkage), and per regime a softmax temperature and a default confidence threshold
+from out-of-fold reference predictions; see ``docs/celltyping.md``.
 """
 
 from __future__ import annotations
@@ -36,12 +38,39 @@ from anndata import AnnData
 
 from threadpoolctl import threadpool_limits
 
+from spatial_assets.celltyping.calibration import (
+    DEFAULT_TARGET_PRECISION,
+    coverage_curve,
+    fit_temperature,
+    nll,
+    precision_threshold,
+    softmax,
+)
 from spatial_assets.core import schema
 from spatial_assets.storage.objectstore import sha256_file
 
+__all__ = ["fit_temperature", "train_model", "save_model", "load_model", "model_bytes", "TrainedModel"]
+
 MODEL_FORMAT = "spatial_assets.celltypist-lr/1"
-#: L2 penalty per cell of the averaged members (geometric, an order of magnitude around 0.14)
-DEFAULT_REG_PATH: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+AUTO = "auto"
+#: L2 penalties per training cell tried by the cross-validation, strongest first (warm starts);
+#: both regimes are read off this one walk
+CV_GRID_STEP = 2.0
+CV_REG_GRID: tuple[float, ...] = tuple(float(f"{0.4 / CV_GRID_STEP**k:.3g}") for k in range(13))  # 0.4 ... 1e-4
+#: what the cross-validation minimises: held-out NLL after temperature scaling with every class
+#: weighted equally (a proper score, smooth, and as sensitive to small classes as balanced
+#: accuracy; the cell-weighted NLL let large classes decide and cost small-class recall — measured
+#: with the alternatives by ``benchmarks/bench_generality.py --reg-sweep``, docs/celltyping.md)
+CV_CRITERION = "held_out_nll_class_balanced"
+#: criterion differences below this (nats) are ties; far below any standard error seen (>= 1e-3)
+CV_TIE_NATS = 1e-4
+#: the grid walk stops once the held-out criterion has been worse than the best this many times in a row
+CV_PATIENCE = 2
+#: classes with fewer training cells are kept but flagged as rare (card / uns)
+RARE_CLASS_CELLS = 10
+REGIMES = ("same_platform", "shifted")
+# float64 temporaries of column statistics are built over row chunks of this many elements (8 MB)
+_CHUNK_ELEMENTS = 1_000_000
 _PICKLE_PROTOCOL = 4
 #: BLAS threads for the L-BFGS fit. Its two products per iteration are small (cells x genes x
 #: classes, float32): a second thread does not repay its synchronisation, and with the cores shared
@@ -84,6 +113,19 @@ class TrainedModel:
     def class_vars(self) -> np.ndarray:
         return np.asarray(self.classifier.class_vars_, dtype=np.float64)
 
+    def regime(self, name: str) -> dict[str, Any]:
+        """Card entry of a regime (temperature, threshold, regularisation, why); {} for old models."""
+        if name not in REGIMES:
+            raise ValueError(f"regime must be one of {REGIMES}, got {name!r}")
+        return dict(self.card.get("regimes", {}).get(name, {}))
+
+    def coefficients(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) of a regime: ``coef_`` for same_platform, the shift-path average for shifted."""
+        clf = self.classifier
+        if name == "shifted" and getattr(clf, "shift_coef_", None) is not None:
+            return np.asarray(clf.shift_coef_, dtype=np.float64), np.asarray(clf.shift_intercept_, dtype=np.float64)
+        return np.asarray(clf.coef_, dtype=np.float64), np.asarray(clf.intercept_, dtype=np.float64)
+
 
 def _dense32(X: Any) -> np.ndarray:
     """A new dense float32 array (never a view of the caller's data: it is modified in place)."""
@@ -98,40 +140,6 @@ def class_logits(clf: Any, Z: np.ndarray) -> np.ndarray:
     if s.ndim == 1:
         return np.column_stack([np.zeros_like(s), s])
     return s
-
-
-def _softmax(L: np.ndarray) -> np.ndarray:
-    L = L - L.max(axis=1, keepdims=True)
-    E = np.exp(L)
-    return E / E.sum(axis=1, keepdims=True)
-
-
-def fit_temperature(logits: np.ndarray, y_idx: np.ndarray) -> float:
-    """Temperature minimising held-out NLL of ``softmax(logits / T)`` (Guo et al. 2017)."""
-    from scipy.optimize import minimize_scalar
-
-    L = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(y_idx))
-
-    def nll(log_t: float) -> float:
-        Z = L / np.exp(log_t)
-        Z = Z - Z.max(axis=1, keepdims=True)
-        return float(-(Z[rows, y_idx] - np.log(np.exp(Z).sum(axis=1))).mean())
-
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(res.x))
-
-
-def _stratified_holdout(y: np.ndarray, frac: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out cells: ``frac`` of every class with >= 5 cells, seeded."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(y), dtype=bool)
-    for k in np.unique(y):
-        idx = np.flatnonzero(y == k)
-        n_out = int(round(frac * len(idx))) if len(idx) >= 5 else 0
-        if n_out:
-            mask[rng.choice(idx, size=n_out, replace=False)] = True
-    return mask
 
 
 def _versions() -> dict[str, str]:
@@ -174,7 +182,7 @@ def _most_common(values: pd.Series, fallback: str) -> str:
 def _standardize_inplace(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """StandardScaler statistics (float64, two-pass) and ``X`` standardised in place; zero-variance genes keep scale 1."""
     n = X.shape[0]
-    step = max(1, 4_000_000 // max(X.shape[1], 1))
+    step = max(1, _CHUNK_ELEMENTS // max(X.shape[1], 1))
     mean = np.zeros(X.shape[1])
     for i in range(0, n, step):
         mean += X[i : i + step].sum(axis=0, dtype=np.float64)
@@ -267,6 +275,85 @@ def _sklearn_objects(
     return clf, scaler
 
 
+def _stratified_folds(y_idx: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
+    """Fold id per cell: every class dealt round-robin over the ``k`` folds in a seeded order.
+
+    A class with fewer than ``k`` cells is missing from some held-out folds (its cells still count
+    where they are held out); each class starts at a seeded fold so small classes do not pile up
+    in fold 0.
+    """
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y_idx), dtype=np.int64)
+    for c in range(n_classes):
+        idx = rng.permutation(np.flatnonzero(y_idx == c))
+        fold[idx] = (int(rng.integers(k)) + np.arange(len(idx))) % k
+    return fold
+
+
+def _stratified_subsample(y_idx: np.ndarray, n_classes: int, n_max: int, seed: int, floor: int = 30) -> np.ndarray:
+    """Sorted row indices of about ``n_max`` cells keeping every class's share, and at least
+    ``floor`` cells (or all) of every class so small classes still have held-out cells."""
+    n = len(y_idx)
+    if n <= n_max:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(y_idx == c)
+        m = max(floor, int(round(len(idx) * n_max / n)))
+        keep.append(rng.choice(idx, size=min(m, len(idx)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def _parse_reg(reg_per_cell: float | Sequence[float] | str | None, C: float | None) -> tuple[str, tuple[float | None, ...]]:
+    """(mode, regularisation values): ``auto`` (cross-validated), ``single`` or ``path`` (averaged)."""
+    if C is not None:
+        if not C > 0:
+            raise TrainingError(f"C must be positive, got {C!r}")
+        return "C", (None,)
+    if reg_per_cell is None or (isinstance(reg_per_cell, str) and reg_per_cell == AUTO):
+        return AUTO, CV_REG_GRID
+    if isinstance(reg_per_cell, str):
+        try:
+            reg_per_cell = float(reg_per_cell)
+        except ValueError:
+            raise TrainingError(f"reg_per_cell must be a positive number or {AUTO!r}, got {reg_per_cell!r}") from None
+    values = (reg_per_cell,) if isinstance(reg_per_cell, (int, float)) else tuple(reg_per_cell)
+    if not values or any(not (isinstance(r, (int, float)) and r > 0) for r in values):
+        raise TrainingError(f"reg_per_cell must be positive, got {reg_per_cell!r}")
+    values = tuple(sorted((float(r) for r in values), reverse=True))
+    return ("single" if len(values) == 1 else "path"), values
+
+
+def _calibration(logits: np.ndarray, y_idx: np.ndarray, target_precision: float) -> dict[str, Any]:
+    """Temperature, threshold at the target precision and coverage-accuracy curve from held-out logits."""
+    T = fit_temperature(logits, y_idx)
+    P = softmax(logits / T)
+    conf = P.max(axis=1)
+    correct = P.argmax(axis=1) == y_idx
+    out = {"temperature": T, "held_out_nll": nll(logits, y_idx, T)}
+    out["threshold"] = precision_threshold(conf, correct, target_precision)
+    out["curve"] = coverage_curve(conf, correct)
+    return out
+
+
+def _class_balanced_nll(logits: np.ndarray, y_idx: np.ndarray, temperature: float) -> tuple[float, float]:
+    """Held-out NLL with every class weighted equally (mean over classes of their cells' mean NLL),
+    and its standard error (classes independent: ``sqrt(sum_k var_k / n_k) / K``)."""
+    Z = logits / temperature
+    Z = Z - Z.max(axis=1, keepdims=True)
+    per = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(y_idx)), y_idx]
+    present = np.unique(y_idx)
+    means = [per[y_idx == c].mean() for c in present]
+    var_of_means = [per[y_idx == c].var() / (y_idx == c).sum() for c in present]
+    return float(np.mean(means)), float(np.sqrt(np.sum(var_of_means)) / len(present))
+
+
+def _balanced_accuracy(pred: np.ndarray, y_idx: np.ndarray) -> float:
+    present = np.unique(y_idx)
+    return float(np.mean([(pred[y_idx == c] == c).mean() for c in present]))
+
+
 def train_model(
     adata: AnnData,
     *,
@@ -274,22 +361,34 @@ def train_model(
     seed: int = 0,
     max_iter: int = 1000,
     C: float | None = None,
-    reg_per_cell: float | Sequence[float] | None = None,
-    calibration_fraction: float = 0.2,
+    reg_per_cell: float | Sequence[float] | str | None = AUTO,
+    cv_folds: int = 3,
+    target_precision: float = DEFAULT_TARGET_PRECISION,
+    max_cv_cells: int = 10_000,
     tol: float = 1e-4,
 ) -> TrainedModel:
     """Fit StandardScaler + multinomial L-BFGS logistic regression on a log1p-10k training set.
 
-    ``C`` defaults to ``1 / (reg_per_cell * n_cells)``, i.e. a fixed L2 penalty per cell: a model
-    trained on 1k or 200k cells is shrunk equally. How much shrinkage transfers best across
-    platforms is not knowable from the reference alone (cross-validation on the reference always
-    prefers the weakest), so by default the model averages a regularization path,
-    ``reg_per_cell`` = :data:`DEFAULT_REG_PATH` (an order of magnitude around 0.14): each member's
-    logits are divided by its own held-out temperature and the calibrated logits are averaged,
-    which is again one linear model (weights = mean of W/T). Measured in docs/celltyping.md.
-    A single number gives a single model, as before.
-    Each temperature is fitted on a stratified, seeded held-out fraction (the calibration fit gives
-    those cells weight 0), then the member is refitted on all cells starting from that solution.
+    The model carries two regimes, chosen per query at annotation by a measured platform-shift
+    index (:mod:`spatial_assets.celltyping.shift`):
+
+    * ``same_platform`` (the celltypist-visible ``coef_``): the L2 penalty chosen by stratified,
+      seeded ``cv_folds``-fold cross-validation on the reference (:data:`CV_CRITERION`, over
+      :data:`CV_REG_GRID`, strongest first, each fit warm-starting the next; the chosen
+      ``C = 1 / (reg * n_train_fold)`` is refitted on all cells, as scikit-learn's
+      ``LogisticRegressionCV`` does). Without a platform shift, what predicts held-out reference
+      cells best predicts the query best; the former fixed strong path (0.05–0.4 per cell)
+      destroyed same-platform transfer with many fine classes (docs/celltyping.md).
+    * ``shifted``: stronger shrinkage by the one-standard-error rule on the same walk: the
+      strongest penalty whose held-out criterion is within one standard error of the minimum.
+      Strong shrinkage transfers across platforms (scRNA-seq → imaging), but where the reference
+      shows it costs (small classes) it is not taken.
+
+    ``reg_per_cell`` a number (or ``C``) gives one single model, a sequence one path average, used
+    by both regimes. Every regime gets its own temperature and its own default confidence
+    threshold (the confidence at which out-of-fold reference cells reach ``target_precision``,
+    with the coverage it gives and the coverage-accuracy curve), all from the same out-of-fold
+    predictions. Cross-validation runs on a stratified subsample of at most ``max_cv_cells``.
     """
     if label_column not in adata.obs.columns:
         raise TrainingError(f"training set has no obs column {label_column!r} (columns: {list(adata.obs.columns)})")
@@ -299,6 +398,9 @@ def train_model(
         raise TrainingError(f"training needs at least 2 classes in obs[{label_column!r}], found {classes}")
     if adata.n_vars == 0:
         raise TrainingError("training set has no genes")
+    if cv_folds < 2:
+        raise TrainingError(f"cv_folds must be >= 2, got {cv_folds}")
+    mode, grid = _parse_reg(reg_per_cell, C)
 
     X = _dense32(adata.X)  # the one working copy: standardised in place below
     if not np.isfinite(X).all():
@@ -309,59 +411,172 @@ def train_model(
     class_arr = np.unique(y)  # object array, as sklearn's LabelEncoder would store it
     y_idx = np.searchsorted(class_arr, y)
     K = len(class_arr)
+    Kp = 1 if K == 2 else K
     mean, var, scale = _standardize_inplace(X)
     Z = X
 
-    path = (reg_per_cell,) if isinstance(reg_per_cell, (int, float)) else tuple(reg_per_cell or DEFAULT_REG_PATH)
-    if C is not None:
-        path = (None,)
-    elif not path or any(not (r > 0) for r in path):
-        raise TrainingError(f"reg_per_cell must be positive, got {reg_per_cell!r}")
-
-    def l2_for(reg: float | None, n_cells: int) -> tuple[float, float]:
-        c = C if reg is None else 1.0 / (reg * n_cells)
-        return c, 1.0 / (c * n_cells)  # sklearn: l2_reg_strength = 1 / (C * sum of sample weights)
+    def l2_of(reg: float | None, n_cells: int) -> float:
+        # sklearn: objective = mean CE + ||W||^2 / (2 C n); reg_per_cell = 1 / (C n)
+        return 1.0 / (C * n_cells) if reg is None else float(reg)
 
     def logits_of(Zr: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-        S = Zr @ W.T.astype(np.float32) + b
-        return np.column_stack([np.zeros(len(S)), S[:, 0]]) if K == 2 else S.astype(np.float64)
+        S = (Zr @ W.T.astype(np.float32)).astype(np.float64) + b
+        return np.column_stack([np.zeros(len(S)), S[:, 0]]) if K == 2 else S
 
-    held = _stratified_holdout(y, calibration_fraction, seed) if calibration_fraction > 0 else np.zeros(n, bool)
-    calibrate = bool(held.any() and len(np.unique(y[~held])) == K)
-    members, cal_logits, init_cal, init_full, n_iter = [], [], None, None, 0
-    W_sum, b_sum = 0.0, 0.0
-    # strongest shrinkage first: each fit warm-starts the next, weaker one
-    for reg in sorted(path, key=lambda r: -(r or 0.0)):
-        temperature, init = 1.0, init_full
-        if calibrate:
-            n_fit = int((~held).sum())
-            w = np.where(held, 0.0, 1.0 / n_fit)
-            Wc, bc, _ = _fit_multinomial(Z, y_idx, K, l2_for(reg, n_fit)[1], weights=w, max_iter=max_iter, tol=tol, init=init_cal)
-            init_cal = np.concatenate([Wc.ravel(), bc])
-            held_logits = logits_of(Z[held], Wc, bc)
-            temperature = fit_temperature(held_logits, y_idx[held])
-            cal_logits.append(held_logits)
-            init = init_cal
-        Wr, br, it = _fit_multinomial(Z, y_idx, K, l2_for(reg, n)[1], weights=None, max_iter=max_iter, tol=tol, init=init)
-        init_full = np.concatenate([Wr.ravel(), br])
-        members.append({"reg_per_cell": reg, "temperature": temperature, "n_iter": it})
-        W_sum, b_sum = W_sum + Wr, b_sum + br
-        n_iter += it
-    W, b = W_sum / len(members), b_sum / len(members)
-    # the average of calibrated logits gets its own temperature (averaging sharpens or flattens)
-    temperature, cal_n, cal_nll = 1.0, 0, None
-    if calibrate:
-        avg = np.mean(cal_logits, axis=0)
-        temperature = fit_temperature(avg, y_idx[held])
-        cal_n = int(held.sum())
-        P = _softmax(avg / temperature)
-        cal_nll = float(-np.log(np.clip(P[np.arange(cal_n), y_idx[held]], 1e-12, None)).mean())
-    regs = [m["reg_per_cell"] for m in members if m["reg_per_cell"] is not None]
-    c_final = C if C is not None else 1.0 / (float(np.exp(np.mean(np.log(regs)))) * n)
+    def split(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return theta[: Kp * Z.shape[1]].reshape(Kp, -1), theta[Kp * Z.shape[1] :]
+
+    # ---- cross-validation along the path (out-of-fold logits for selection and calibration)
+    cv_rows = _stratified_subsample(y_idx, K, max_cv_cells, seed)
+    ycv = y_idx[cv_rows]
+    fold = _stratified_folds(ycv, K, cv_folds, seed)
+    n_tr = np.array([(fold != f).sum() for f in range(cv_folds)])
+    theta_at: dict[float | None, list[np.ndarray]] = {}  # fold solutions per value (small: K x G each)
+    records: list[dict[str, Any]] = []
+    path_sum: np.ndarray | None = None  # mode "path": the members' out-of-fold logits summed
+
+    def rows_of(mask: np.ndarray) -> np.ndarray:
+        # rows straight from Z (a copy of just these rows; the CV subsample is never materialised)
+        return Z[cv_rows[mask]]
+
+    def oof_logits(reg: float | None) -> np.ndarray:
+        L = np.zeros((len(ycv), K))
+        for f, theta in enumerate(theta_at[reg]):
+            Wf, bf = split(theta)
+            L[fold == f] = logits_of(rows_of(fold == f), Wf, bf)
+        return L
+
+    def evaluate(reg: float | None, init: list[np.ndarray | None]) -> tuple[dict[str, Any], np.ndarray]:
+        thetas = []
+        for f in range(cv_folds):
+            tr = fold != f
+            # a copy of the training rows costs less than computing on held-out rows with weight 0
+            Wf, bf, _ = _fit_multinomial(
+                rows_of(tr), ycv[tr], K, l2_of(reg, int(n_tr[f])), weights=None, max_iter=max_iter, tol=tol, init=init[f]
+            )
+            thetas.append(np.concatenate([Wf.ravel(), bf]))
+        theta_at[reg] = thetas
+        L = oof_logits(reg)
+        T = fit_temperature(L, ycv)
+        cb, cb_se = _class_balanced_nll(L, ycv, T)
+        pred = L.argmax(axis=1)
+        rec = {
+            "reg_per_cell": reg,
+            "held_out_nll_class_balanced": cb,
+            "held_out_nll_class_balanced_se": cb_se,
+            "held_out_nll": nll(L, ycv, T),
+            "held_out_nll_untempered": nll(L, ycv),
+            "held_out_nll_class_balanced_untempered": _class_balanced_nll(L, ycv, 1.0)[0],
+            "temperature": T,
+            "held_out_accuracy": float((pred == ycv).mean()),
+            "held_out_balanced_accuracy": _balanced_accuracy(pred, ycv),
+        }
+        records.append(rec)
+        return rec, L
+
+    def better(rec: dict[str, Any], than: dict[str, Any] | None) -> bool:
+        # ties (within CV_TIE_NATS) go to the weaker value: on a separable reference every value
+        # reaches ~0 held-out loss, and the weaker one keeps the larger margins
+        return than is None or rec[CV_CRITERION] < than[CV_CRITERION] - CV_TIE_NATS or (
+            rec[CV_CRITERION] <= than[CV_CRITERION] + CV_TIE_NATS and (rec["reg_per_cell"] or 0.0) < (than["reg_per_cell"] or 0.0)
+        )
+
+    best: dict[str, Any] | None = None
+    worse = 0
+    init: list[np.ndarray | None] = [None] * cv_folds
+    for reg in grid:
+        rec, L = evaluate(reg, init)
+        init = list(theta_at[reg])
+        if mode == "path":
+            path_sum = L if path_sum is None else path_sum + L
+        if better(rec, best):
+            best, worse = rec, 0
+        else:
+            worse += 1
+        # beyond the best, stop once the criterion has risen for CV_PATIENCE consecutive, weaker values
+        if mode == AUTO and worse >= CV_PATIENCE:
+            break
+    assert best is not None
+
+    # ---- regimes. same_platform: the CV minimum. shifted: the one-standard-error rule (Breiman et
+    # al. 1984; Hastie et al., ESL 7.10): the strongest shrinkage whose held-out criterion is within
+    # one standard error of the minimum. Under a shift the reference's held-out loss is an
+    # optimistic proxy for the query's, so the most robust model the reference cannot tell apart
+    # from the best is preferred; where stronger shrinkage measurably costs (small classes), it is
+    # not taken. Both are refined once between grid values (factor sqrt(CV_GRID_STEP)).
+    n_tr_mean = float(n_tr.mean())
+    if mode == AUTO:
+        half = float(np.sqrt(CV_GRID_STEP))
+
+        def nearest_init(reg: float) -> list[np.ndarray | None]:
+            known = [r for r in theta_at if r is not None]
+            return list(theta_at[min(known, key=lambda r: abs(np.log(r / reg)))])
+
+        b0 = float(best["reg_per_cell"])
+        for cand in (b0 * half, b0 / half):  # around the minimum
+            if grid[-1] <= cand <= grid[0]:
+                rec, _ = evaluate(float(f"{cand:.3g}"), nearest_init(cand))
+                if better(rec, best):
+                    best = rec
+        limit = best[CV_CRITERION] + best[f"{CV_CRITERION}_se"]
+        one_se = max((r for r in records if r[CV_CRITERION] <= limit), key=lambda r: r["reg_per_cell"])
+        cand = float(f"{one_se['reg_per_cell'] * half:.3g}")
+        if cand <= grid[0] and cand not in theta_at:  # between the one-SE value and the next, failing, one
+            rec, _ = evaluate(cand, nearest_init(cand))
+            if rec[CV_CRITERION] <= limit:
+                one_se = rec
+        records.sort(key=lambda r: -(r["reg_per_cell"] or 0.0))
+        regs = {"same_platform": float(best["reg_per_cell"]), "shifted": float(one_se["reg_per_cell"])}
+        cals = {k: _calibration(oof_logits(v), ycv, target_precision) for k, v in regs.items()}
+        # same_platform refits the chosen C on all cells (LogisticRegressionCV): the penalty is a prior
+        # against estimation noise, whose optimal total does not grow with n. shifted keeps the penalty
+        # per cell: shrinkage against a shift is robustness of the mean loss (distributionally robust
+        # logistic regression = mean loss + eps * ||w||, Shafieezadeh-Abadeh et al. 2015), which more
+        # reference cells do not reduce.
+        final_regs = {"same_platform": regs["same_platform"] * n_tr_mean / n, "shifted": regs["shifted"]}
+    elif mode == "path":
+        assert path_sum is not None
+        cals = dict.fromkeys(REGIMES, _calibration(path_sum / len(grid), ycv, target_precision))
+    else:
+        cals = dict.fromkeys(REGIMES, _calibration(oof_logits(grid[0]), ycv, target_precision))
+
+    # ---- final fits on all cells (warm-started from the folds' mean solution)
+    def init_for(reg: float | None) -> np.ndarray:
+        return np.mean(theta_at[reg], axis=0)
+
+    members: list[dict[str, Any]] = []
+    n_iter = 0
+    if mode == AUTO:
+        fitted: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        for name in ("shifted", "same_platform"):  # stronger first
+            full_reg = final_regs[name]
+            if full_reg not in fitted:
+                Wr, br, it = _fit_multinomial(Z, y_idx, K, full_reg, weights=None, max_iter=max_iter, tol=tol, init=init_for(regs[name]))
+                fitted[full_reg] = (Wr, br)
+                members.append({"regime": name, "cv_reg_per_cell": regs[name], "reg_per_cell": full_reg, "n_iter": it})
+                n_iter += it
+        Ws, bs = fitted[final_regs["same_platform"]]
+        W_shift, b_shift = fitted[final_regs["shifted"]]
+        c_final = 1.0 / (regs["same_platform"] * n_tr_mean)
+    else:
+        W_sum, b_sum, init = 0.0, 0.0, None
+        for reg in grid:
+            Wr, br, it = _fit_multinomial(
+                Z, y_idx, K, l2_of(reg, n), weights=None, max_iter=max_iter, tol=tol, init=init_for(reg) if init is None else init
+            )
+            init = np.concatenate([Wr.ravel(), br])
+            members.append({"reg_per_cell": reg, "n_iter": it})
+            W_sum, b_sum, n_iter = W_sum + Wr, b_sum + br, n_iter + it
+        Ws, bs = W_sum / len(members), b_sum / len(members)
+        W_shift, b_shift = Ws, bs
+        c_final = C if C is not None else 1.0 / (float(np.exp(np.mean(np.log([float(r) for r in grid])))) * n)
+
     clf, scaler = _sklearn_objects(
-        W, b, class_arr, c_final, n_iter, mean, var, scale, n, seed=seed, max_iter=max_iter, tol=tol
+        Ws, bs, class_arr, c_final, n_iter, mean, var, scale, n, seed=seed, max_iter=max_iter, tol=tol
     )
     clf.features = np.asarray(genes, dtype=object)
+    clf.shift_coef_ = np.ascontiguousarray(W_shift, dtype=np.float64)
+    clf.shift_intercept_ = np.asarray(b_shift, dtype=np.float64)
     counts = np.bincount(y_idx, minlength=K).astype(np.float64)
     means = np.zeros((K, Z.shape[1]), dtype=np.float64)
     variances = np.zeros_like(means)
@@ -371,7 +586,7 @@ def train_model(
         Zk = Z[order[bounds[k] : bounds[k + 1]]]
         means[k] = Zk.mean(axis=0, dtype=np.float64)
         variances[k] = np.square(Zk - means[k]).mean(axis=0)
-    del Z, X
+    del Z, X, theta_at
     clf.class_means_ = means.astype(np.float32)
     clf.class_vars_ = variances.astype(np.float32)
     clf.class_counts_ = counts.astype(np.int64)
@@ -389,12 +604,41 @@ def train_model(
         tlabel = _most_common(obs.loc[sel, schema.CELL_TYPE_ONTOLOGY_LABEL], str(k)) if schema.CELL_TYPE_ONTOLOGY_LABEL in obs else str(k)
         ontology[str(k)] = {"term_id": tid, "label": tlabel}
 
+    rare = [str(k) for k, c in zip(clf.classes_, counts) if c < RARE_CLASS_CELLS]
+    walked = [r["reg_per_cell"] for r in records]
+    if mode == AUTO:
+        descs = {
+            "same_platform": {
+                "reg_per_cell": final_regs["same_platform"],
+                "cv_reg_per_cell": regs["same_platform"],
+                "why": (
+                    f"{cv_folds}-fold stratified CV on {len(cv_rows)} reference cells over reg_per_cell {walked}: "
+                    f"class-balanced held-out NLL (after temperature scaling) lowest at {regs['same_platform']:g}; "
+                    f"refitted on all {n} cells with the same C"
+                ),
+            },
+            "shifted": {
+                "reg_per_cell": final_regs["shifted"],
+                "cv_reg_per_cell": regs["shifted"],
+                "why": (
+                    f"one-standard-error rule: the strongest reg_per_cell whose class-balanced held-out NLL is within one SE "
+                    f"({best[f'{CV_CRITERION}_se']:.3g}) of the minimum is {regs['shifted']:g}; refitted on all {n} cells with the same penalty per cell"
+                ),
+            },
+        }
+    else:
+        what = "C" if mode == "C" else "reg_per_cell"
+        desc = {"reg_per_cell": [float(r) for r in grid] if mode != "C" else "C", "why": f"{what} given by the caller"}
+        descs = {"same_platform": dict(desc), "shifted": dict(desc)}
+    regimes = {name: {**descs[name], **cals[name], "threshold_verified": name == "same_platform"} for name in REGIMES}
     card: dict[str, Any] = {
         "format": MODEL_FORMAT,
         "classes": [str(k) for k in clf.classes_],
         "genes": genes,
         "n_cells": int(n),
         "n_cells_per_class": {str(k): int(c) for k, c in zip(clf.classes_, counts)},
+        "rare_classes": rare,
+        "rare_class_rule": f"fewer than {RARE_CLASS_CELLS} training cells (kept and scored; their calls are less reliable)",
         "label_map": label_map,
         "ontology": ontology,
         "references": _jsonable(adata.uns.get("references", [])),
@@ -402,21 +646,24 @@ def train_model(
             "label_column": label_column,
             "solver": "lbfgs (multinomial, sklearn objective; scipy L-BFGS-B on float32 standardised data)",
             "C": float(clf.C),
-            "reg_per_cell": [m["reg_per_cell"] for m in members] if C is None else None,
+            "reg_per_cell": "auto" if mode == AUTO else ([m["reg_per_cell"] for m in members] if C is None else None),
+            "cv_criterion": CV_CRITERION,
             "regularization_path": _jsonable(members),
             "max_iter": max_iter,
             "tol": tol,
             "scaler": "StandardScaler(with_mean=True)",
             "seed": seed,
             "n_iter": int(n_iter),
+            "cv_folds": cv_folds,
+            "target_precision": target_precision,
         },
+        "cross_validation": {"n_cells": int(len(cv_rows)), "folds": cv_folds, "grid": _jsonable(records)},
+        "regimes": _jsonable(regimes),
         "calibration": {
-            "method": "temperature-scaled softmax, NLL-fitted on held-out reference cells"
-            + (" (average of the path members' calibrated logits, then one temperature)" if len(members) > 1 else ""),
-            "temperature": temperature,
-            "held_out_fraction": calibration_fraction,
-            "n_held_out": cal_n,
-            "held_out_nll": cal_nll,
+            "method": "temperature-scaled softmax, NLL-fitted on out-of-fold reference predictions (per regime)",
+            "temperature": float(cals["same_platform"]["temperature"]),
+            "n_held_out": int(len(cv_rows)),
+            "held_out_nll": float(cals["same_platform"]["held_out_nll"]),
         },
         "versions": _versions(),
     }

@@ -15,7 +15,6 @@ from pathlib import Path
 from spatial_assets.cli.common import Outputs, Progress, cells_by_genes, fetch_h5ad, fetch_input, read_h5ad
 
 #: options only; the parser must not import the science modules (they are imported by the handler)
-DEFAULT_CONFIDENCE_THRESHOLD = 0.8
 DEFAULT_MAX_CELLS_PER_TYPE = 5000
 STRATEGIES = ("proportional", "equal")
 
@@ -118,6 +117,8 @@ def cmd_celltype(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         seed=args.seed,
         placeholder_labels=placeholders,
+        reg_per_cell=args.reg_per_cell,
+        alignment=args.alignment,
         spatial_name=str(args.spatial),
         progress=progress,
     )
@@ -131,9 +132,23 @@ def cmd_celltype(args: argparse.Namespace) -> int:
         _write_plots(outputs, progress, out, result.mapping_table, args.plots, args.confidence_threshold)
     progress("done")
     print(_summary(out))
-    print(f"alignment: {out.uns['celltyping'].get('alignment')}")
+    info = out.uns["celltyping"]
+    print(f"{info.get('regime_reason')}; alignment: {info.get('alignment')}; confidence threshold "
+          f"{info.get('confidence_threshold'):.3f} ({info.get('threshold_source')})")
     print(outputs.summary())
     return 0
+
+
+def _reg_per_cell(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        reg = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'auto', got {value!r}") from None
+    if not reg > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'auto', got {value!r}")
+    return reg
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -151,8 +166,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--spatial", required=True, metavar="H5AD", help="spatial sample h5ad to annotate (path or s3://)")
     p.add_argument("--out", required=True, metavar="H5AD",
                    help="annotated h5ad to write (path or s3://); the label mapping goes to <out>.label_mapping.csv")
-    p.add_argument("--confidence-threshold", type=float, default=DEFAULT_CONFIDENCE_THRESHOLD, metavar="X",
-                   help="cells below this calibrated confidence are called Unassigned")
+    p.add_argument("--confidence-threshold", type=float, default=None, metavar="X",
+                   help="cells below this calibrated confidence are called Unassigned (default: the model's own "
+                   "threshold, where held-out reference cells reach 90%% precision)")
+    p.add_argument("--reg-per-cell", type=_reg_per_cell, default="auto", metavar="X|auto",
+                   help="L2 penalty per training cell, or 'auto' (cross-validated on the reference)")
+    p.add_argument("--alignment", choices=("auto", "none", "recenter"), default="auto",
+                   help="query alignment; 'auto' recenters only when the platform-shift index detects a shift")
     p.add_argument("--max-cells-per-type", type=int, default=DEFAULT_MAX_CELLS_PER_TYPE, metavar="N",
                    help="cap on training cells per cell type (Cap & Fill balancing)")
     p.add_argument("--target-proportions", default=None, metavar="FILE",

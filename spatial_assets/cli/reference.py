@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from spatial_assets.cli.common import HelpFormatter
+
 
 def cmd_reference_add(args: argparse.Namespace) -> int:
     from spatial_assets.platform.manifest import ReferenceEntry
@@ -39,10 +41,12 @@ def cmd_reference_add(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from spatial_assets.platform.manifest import MANIFEST_KEY
 
-    p = subparsers.add_parser("reference", help="manage the registered scRNA-seq reference atlases")
-    sub = p.add_subparsers(dest="reference_command", required=True)
+    summary = "manage the registered scRNA-seq reference atlases"
+    p = subparsers.add_parser("reference", help=summary, description=f"{summary}. Add: validate a reference .h5ad and add it to the references manifest the reference sensor watches.")
+    sub = p.add_subparsers(dest="reference_command", required=True, metavar="ACTION", help="what to do (add)")
     add = sub.add_parser(
         "add",
+        formatter_class=HelpFormatter,
         help="validate a reference file and add it to the references manifest",
         description='Validate a reference .h5ad (readable, label column, normalization) and add it to the references manifest.',
     )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from spatial_assets.cli.common import HelpFormatter
+
 
 def cmd_sample_land(args: argparse.Namespace) -> int:
     from spatial_assets.platform.registry import land_sample
@@ -42,10 +44,12 @@ def cmd_sample_land(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from spatial_assets.platform.registry import LANDING_PREFIX
 
-    p = subparsers.add_parser("sample", help="manage spatial samples in the landing area")
-    sub = p.add_subparsers(dest="sample_command", required=True)
+    summary = "manage spatial samples in the landing area"
+    p = subparsers.add_parser("sample", help=summary, description=f"{summary}. Land: validate a cell-level .h5ad or an instrument output folder and upload it to the landing area the sample sensor watches.")
+    sub = p.add_subparsers(dest="sample_command", required=True, metavar="ACTION", help="what to do (land)")
     land = sub.add_parser(
         "land",
+        formatter_class=HelpFormatter,
         help="validate a cell-level .h5ad or an instrument output folder and upload it to the landing area",
         description=(
             "Validate a cell-level spatial .h5ad, or an instrument output folder (Xenium, MERSCOPE, CosMx: "

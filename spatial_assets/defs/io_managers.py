@@ -66,7 +66,8 @@ from upath import UPath
 
 from spatial_assets.core.ids import validate_id
 from spatial_assets.defs.plots import WithFigures, figure_markdown
-from spatial_assets.defs.resources import client_factory, s3_settings_of
+from spatial_assets.defs.resources import JANITOR_DESCRIPTION, clean_staging_at_run_start, client_factory, s3_settings_of
+from spatial_assets.storage.janitor import DEFAULT_OLDER_THAN_S
 from spatial_assets.storage.objectstore import TRANSFER_CONCURRENCY, TRANSFER_PART_SIZE
 from spatial_assets.storage.stores import LocalStore, ObjectNotFoundError, ObjectStore, S3Store
 
@@ -459,12 +460,14 @@ class LocalAssetIOManager(dg.ConfigurableIOManagerFactory):
 
     base_dir: str = Field(description="directory for asset values (<storage root>/assets)")
     h5ad_compression: Optional[str] = Field(default=None, description="h5py compression for h5ad (None: fastest)")
+    janitor_older_than_s: float = Field(default=DEFAULT_OLDER_THAN_S, ge=0, description=JANITOR_DESCRIPTION)
 
     def get_store(self) -> ObjectStore:
         return LocalStore(self.base_dir)
 
     def create_io_manager(self, context: Any) -> AssetIOManager:
         store = self.get_store()
+        clean_staging_at_run_start(context, store, self.janitor_older_than_s)
         return AssetIOManager(UPath(str(store.root)), store, h5ad_compression=self.h5ad_compression)
 
 
@@ -478,6 +481,7 @@ class S3AssetIOManager(dg.ConfigurableIOManagerFactory):
     h5ad_compression: Optional[str] = Field(default=None, description="h5py compression for h5ad (None: fastest)")
     part_size_mb: int = Field(default=TRANSFER_PART_SIZE // 2**20, description="multipart part size (MiB)")
     transfer_concurrency: int = Field(default=TRANSFER_CONCURRENCY, description="parts moved in parallel per transfer")
+    janitor_older_than_s: float = Field(default=DEFAULT_OLDER_THAN_S, ge=0, description=JANITOR_DESCRIPTION)
 
     def get_store(self) -> S3Store:
         return S3Store(
@@ -491,6 +495,7 @@ class S3AssetIOManager(dg.ConfigurableIOManagerFactory):
 
     def create_io_manager(self, context: Any) -> AssetIOManager:
         store = self.get_store()
+        clean_staging_at_run_start(context, store, self.janitor_older_than_s)
         prefix = store.prefix
         base = UPath(f"s3://{self.s3_bucket}/{prefix}" if prefix else f"s3://{self.s3_bucket}",
                      **s3_settings_of(self.s3_resource).s3fs_options())

@@ -13,6 +13,11 @@ S3 IO managers take it — so endpoint and credentials are configured once:
 ``storage`` gives asset code an :class:`~spatial_assets.storage.stores.ObjectStore` (manifests,
 landing objects) and the allow-list check for locations a manifest points at.
 
+Run start cleans what killed writers left (:func:`clean_staging_at_run_start`): the storage
+resource and the IO managers call the storage janitor when a run initializes them — once per run
+and store in each process, since every step process (or pod) has its own download cache and temp
+dir — so a SIGKILLed upload's multipart parts and ``.part`` files do not outlive the next run.
+
 NB: no ``from __future__ import annotations`` here; it breaks Dagster's config classes.
 """
 
@@ -25,12 +30,49 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field, PrivateAttr
 
 from spatial_assets.storage.deployment import local_s3_settings
+from spatial_assets.storage.janitor import DEFAULT_OLDER_THAN_S, JanitorReport, clean_stale_staging
 from spatial_assets.storage.locations import check_allowed_uri, normalize_location
 from spatial_assets.storage.objectstore import TRANSFER_CONCURRENCY, S3Settings, with_content_types
 from spatial_assets.storage.stores import LocalStore, ObjectStore, S3Store
 
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
+_JANITOR_DONE: set[tuple[str, str]] = set()  # (run id, store location) cleaned in this process
+_JANITOR_LOCK = threading.Lock()
+
+JANITOR_DESCRIPTION = (
+    "at run start, remove staging (.part files, stage dirs, incomplete multipart uploads) older than this many "
+    "seconds, left by killed writers; longer than the longest legitimate write (a concurrent run's is younger)"
+)
+
+
+def clean_staging_at_run_start(context: Any, store: ObjectStore, older_than_s: float) -> Optional[JanitorReport]:
+    """Run the storage janitor on ``store`` once per run in this process; None outside a run.
+
+    Called from resource initialization, which Dagster does for every run (and every step
+    process of a multiprocess run) but also for sensor and schedule evaluations: those are
+    skipped (``context.dagster_run`` is None). A janitor error is logged, never fatal — cleaning
+    staging must not stop the run it precedes.
+    """
+    run = getattr(context, "run", None)
+    if run is None:
+        return None
+    where = str(store.root) if isinstance(store, LocalStore) else f"s3://{store.bucket}/{store.prefix}"
+    marker = (run.run_id, where)
+    with _JANITOR_LOCK:
+        if marker in _JANITOR_DONE:
+            return None
+        _JANITOR_DONE.add(marker)
+    log = getattr(context, "log", None)
+    try:
+        report = clean_stale_staging(store, older_than_s)
+    except Exception as exc:  # e.g. no s3:ListBucketMultipartUploads permission
+        if log is not None:
+            log.warning(f"storage janitor could not clean {where}: {exc!r}")
+        return None
+    if report and log is not None:
+        log.warning(f"storage janitor at run start: {report.summary()} ({where})")
+    return report
 
 
 def _value(setting: Any) -> Any:
@@ -129,6 +171,10 @@ class StorageResource(dg.ConfigurableResource):
         default=[],
         description="where manifest entries may point (s3://bucket/prefix/ or absolute directories); empty: this storage's own location",
     )
+    janitor_older_than_s: float = Field(default=DEFAULT_OLDER_THAN_S, ge=0, description=JANITOR_DESCRIPTION)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        clean_staging_at_run_start(context, self.get_store(), self.janitor_older_than_s)
 
     def get_store(self) -> ObjectStore:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -21,11 +21,13 @@ class PlatformSettings(dg.ConfigurableResource):
     manifest_key: str = MANIFEST_KEY
     landing_prefix: str = LANDING_PREFIX
     panel_genes: list[str] = []  # empty: each sample's own genes define its panel (one model per panel)
-    min_cells_per_type: int = 10
+    min_cells_per_type: int = 3  # classes down to 3 cells are kept (flagged as rare in the model card)
     max_cells_per_type: int = 5000
     balance_strategy: str = "proportional"
     min_cells_per_source: int = 0
-    confidence_threshold: float = 0.5
+    confidence_threshold: Optional[float] = None  # None: the model's (held-out reference cells reach 90 % precision)
+    reg_per_cell: str = "auto"  # L2 penalty per training cell as a number, or "auto" (cross-validated)
+    alignment: str = "auto"  # auto (recenter only when a platform shift is measured) | none | recenter
     unassigned_warn_fraction: float = 0.5
     balance_share_tolerance: float = 0.02
     seed: int = 0

@@ -27,7 +27,9 @@ class Settings(Protocol):
     max_cells_per_type: int
     balance_strategy: str
     min_cells_per_source: int
-    confidence_threshold: float
+    confidence_threshold: float | None
+    reg_per_cell: str
+    alignment: str
     seed: int
 
 
@@ -124,7 +126,7 @@ def build_training_set(
 def train_celltype_model(training_set: ad.AnnData, settings: Settings) -> Any:
     from spatial_assets.celltyping.training import train_model
 
-    model = train_model(training_set, label_column=schema.CELL_TYPE, seed=settings.seed)
+    model = train_model(training_set, label_column=schema.CELL_TYPE, seed=settings.seed, reg_per_cell=settings.reg_per_cell)
     model.card["training_set"] = {
         "content_sha256": training_set.uns["content_sha256"],
         "n_cells": int(training_set.n_obs),
@@ -166,7 +168,8 @@ def annotate_sample(
             raise PanelMismatchError(
                 f"sample {sample_id!r} lacks {len(absent)} gene(s) of its panel's model ({panel.id}): {absent[:10]}"
             )
-    annotated = annotate(spatial, model, confidence_threshold=settings.confidence_threshold)
+    annotated = annotate(spatial, model, confidence_threshold=settings.confidence_threshold, alignment=settings.alignment)
+    info = annotated.uns[schema.CELLTYPING_UNS]
     raw = lineage_of(spatial) or {}
     annotated.uns[schema.PROVENANCE_UNS] = _h5ad_safe(
         {
@@ -177,7 +180,11 @@ def annotate_sample(
             "panel": {"id": panel.id, "name": panel.name, "n_genes": panel.n_genes, "source": panel.source} if panel else None,
             "sample": {"id": sample_id, "spatial_cells_sha256": spatial.uns.get("content_sha256", "")},
             "run_id": run_id,
-            "confidence_threshold": float(settings.confidence_threshold),
+            "confidence_threshold": float(info["confidence_threshold"]),
+            "threshold_source": info["threshold_source"],
+            "alignment": info["alignment"],
+            "regime": info["regime"],
+            "shift_index": float(info["shift_index"]),
             "library_versions": library_versions(),
         }
     )

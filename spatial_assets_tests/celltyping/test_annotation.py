@@ -107,24 +107,32 @@ def test_recentering_fixes_a_per_gene_platform_shift_and_auto_picks_it():
     for mode in ("none", "recenter", "auto"):
         out = annotate(q, model, alignment=mode)
         acc[mode] = (out.obs[schema.PREDICTED].astype(str).to_numpy() == truth).mean()
-        info = out.uns[schema.CELLTYPING_UNS]
+        info[mode] = out.uns[schema.CELLTYPING_UNS]
     assert acc["recenter"] > acc["none"] + 0.2
-    assert info["alignment"] == "recenter" and info["loglik_recenter"] > info["loglik_none"]
+    auto = info["auto"]
+    # the measured index sees the shift and switches both alignment and regime on, and says why
+    assert auto["shift_index"] > auto["shift_index_threshold"] and auto["platform_shift"]
+    assert auto["alignment"] == "recenter" and auto["regime"] == "shifted"
+    assert "platform shift" in auto["regime_reason"]
     assert acc["auto"] == acc["recenter"]
+    # a forced alignment is recorded as forced; the regime still follows the index
+    assert info["none"]["alignment_requested"] == "none" and info["none"]["regime"] == "shifted"
 
 
-def test_auto_costs_little_without_a_platform_shift():
+def test_no_platform_shift_means_no_alignment_and_the_cross_validated_regime():
     ref, q = _pair(k=4, overlap=2.0, efficiency_sd=0.0, seed=6, base=10, depth=1.0)
     model = train_model(ref)
     truth = q.obs["truth"].to_numpy()
-    acc = {}
-    for mode in ("none", "auto"):
-        out = annotate(q, model, alignment=mode)
-        acc[mode] = (out.obs[schema.PREDICTED].astype(str).to_numpy() == truth).mean()
-    assert acc["none"] > 0.85
-    assert acc["auto"] > acc["none"] - 0.03
+    out = annotate(q, model)
     info = out.uns[schema.CELLTYPING_UNS]
-    assert (info["alignment"] == "recenter") == (info["loglik_recenter"] > info["loglik_none"])
+    assert info["shift_index"] < info["shift_index_threshold"] and not info["platform_shift"]
+    assert info["alignment"] == "none" and info["regime"] == "same_platform"
+    none = annotate(q, model, alignment="none", regime="same_platform")
+    np.testing.assert_array_equal(out.obsm[schema.DECISION_SCORES_OBSM], none.obsm[schema.DECISION_SCORES_OBSM])
+    assert (out.obs[schema.PREDICTED].astype(str).to_numpy() == truth).mean() > 0.85
+    # the query's composition differs from the reference's (1:2 ramp vs balanced): not a shift
+    est = info["composition_from_means"]
+    assert est["type3"] > est["type0"]
 
 
 def test_streamed_gene_subset_equals_annotating_the_exact_panel():

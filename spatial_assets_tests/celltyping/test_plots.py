@@ -39,7 +39,19 @@ def annotated(load_merfish) -> ad.AnnData:
     conf = rng.beta(5, 2, adata.n_obs)
     adata.obs[schema.CONFIDENCE] = conf
     adata.obs[schema.CELL_TYPE] = np.where(conf >= 0.5, adata.obs[schema.PREDICTED], schema.UNASSIGNED)
-    adata.uns[schema.CELLTYPING_UNS] = {"confidence_threshold": 0.5}
+    from spatial_assets.celltyping.calibration import coverage_curve
+
+    held_out_conf = rng.beta(5, 2, 1000)
+    adata.uns[schema.CELLTYPING_UNS] = {
+        "confidence_threshold": 0.5,
+        "threshold_target_precision": 0.9,
+        "threshold_expected_coverage": float((held_out_conf >= 0.5).mean()),
+        "threshold_verified": True,
+        "regime": "same_platform",
+        "unassigned_fraction": float((conf < 0.5).mean()),
+        "coverage_curve_reference": coverage_curve(held_out_conf, rng.random(1000) < held_out_conf),
+        "coverage_curve_query": coverage_curve(conf),
+    }
     return adata
 
 
@@ -103,11 +115,20 @@ def test_marker_validation(annotated: ad.AnnData, tmp_path: Path) -> None:
         plot_marker_validation(annotated, tmp_path / "none.png", markers={"Neuron X": ["NotAGene"]})
 
 
+def test_coverage_accuracy(annotated: ad.AnnData, tmp_path: Path) -> None:
+    _assert_real_png(plots.plot_coverage_accuracy(annotated, tmp_path / "cov.png"))
+    bare = annotated.copy()
+    bare.uns[schema.CELLTYPING_UNS] = {"confidence_threshold": 0.5}
+    with pytest.raises(PlotInputError, match="coverage_curve_reference"):
+        plots.plot_coverage_accuracy(bare, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_write_all_plots(annotated: ad.AnnData, mapping_table: pd.DataFrame, tmp_path: Path) -> None:
     written = write_celltyping_plots(
         annotated, tmp_path / "plots", confidence_threshold=None, mapping_table=mapping_table, markers=MARKERS
     )
-    assert set(written) == {"confidence_map", "deg_heatmap", "marker_validation", "ontology_table"}
+    assert set(written) == {"confidence_map", "deg_heatmap", "marker_validation", "ontology_table", "coverage_accuracy"}
     for path in written.values():
         _assert_real_png(path)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(plots.PLOT_FILES.values())
@@ -123,7 +144,7 @@ def test_broken_input_skips_only_that_plot(
         written = write_celltyping_plots(
             broken, tmp_path, confidence_threshold=0.5, mapping_table=bad_table, markers=MARKERS
         )
-    assert set(written) == {"deg_heatmap", "marker_validation"}
+    assert set(written) == {"deg_heatmap", "marker_validation", "coverage_accuracy"}
     assert not (tmp_path / "confidence_map.png").exists()
     assert not (tmp_path / "ontology_table.png").exists()
     assert "'confidence_map' skipped" in caplog.text and "obsm['spatial']" in caplog.text

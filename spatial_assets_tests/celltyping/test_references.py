@@ -194,6 +194,7 @@ def test_combine_same_name_placeholders_min_cells_and_ontology(tmp_path: Path) -
     out = combine_references(
         [ReferenceSpec(str(tmp_path / "a" / "ref.h5ad"), "label"), ReferenceSpec(str(tmp_path / "b" / "ref.h5ad"), "label")],
         panel,
+        min_cells_per_type=10,
     )
     shared = [f"G{j}" for j in range(49, 9, -1)]
     assert list(out.var_names) == shared
@@ -261,6 +262,7 @@ def test_empty_after_filtering_names_file(tmp_path: Path) -> None:
         combine_references(
             [ReferenceSpec(str(tmp_path / "good.h5ad"), "label"), ReferenceSpec(str(tmp_path / "bad.h5ad"), "label")],
             ["G1", "G2"],
+            min_cells_per_type=10,
         )
     msg = str(err.value)
     assert "bad.h5ad" in msg and "'Unknown' ×10 (placeholder)" in msg and "'tiny' ×3" in msg
@@ -269,7 +271,18 @@ def test_empty_after_filtering_names_file(tmp_path: Path) -> None:
 def test_single_class_rejected(tmp_path: Path) -> None:
     make_ref(tmp_path / "r.h5ad", ["x"] * 30 + ["y"] * 5)
     with pytest.raises(ReferenceError, match="single cell type .*'x'.*at least 2 classes"):
-        combine_references([ReferenceSpec(str(tmp_path / "r.h5ad"), "label")], ["G1", "G2"])
+        combine_references([ReferenceSpec(str(tmp_path / "r.h5ad"), "label")], ["G1", "G2"], min_cells_per_type=10)
+
+
+def test_default_keeps_classes_down_to_three_cells(tmp_path: Path) -> None:
+    """A class the query may contain must be in the model to be called at all: 3 cells are kept."""
+    make_ref(tmp_path / "r.h5ad", ["x"] * 30 + ["y"] * 20 + ["three"] * 3 + ["two"] * 2)
+    out = combine_references([ReferenceSpec(str(tmp_path / "r.h5ad"), "label")], ["G1", "G2", "G3"])
+    kept = out.obs[ORIGINAL_LABEL].value_counts().to_dict()
+    assert kept == {"x": 30, "y": 20, "three": 3}
+    info = out.uns["references"]["r"]
+    assert dict(zip(info["removed_labels"], info["removed_counts"])) == {"two": 2}
+    assert info["removed_reasons"] == ["below_min_cells_per_type(3)"]
 
 
 def test_log1p_cpm_reference_without_counts_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetC
 from spatial_assets.definitions import build_definitions
 from spatial_assets.defs.deployment import build_resources
 from spatial_assets.defs.settings import PlatformSettings
-from spatial_assets_tests.defs.ticking import LocalDaemon
+from spatial_assets_tests.defs.ticking import LocalDaemon, requested_asset_partitions
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
@@ -59,12 +59,12 @@ class Reporter:
         self.materialized("sample_panel", sample, panel_id=panel)
 
     def requested(self) -> dict[str, set]:
-        """One tick of the automation sensor: asset → requested partitions."""
+        """One tick of the automation sensor: asset → requested partitions (runs and backfills alike)."""
         result = self.daemon.tick("spatial_assets_automation")
         out: dict[str, set] = {}
         for request in getattr(result, "run_requests", None) or []:
-            for key in request.asset_selection or []:
-                out.setdefault(key.to_user_string(), set()).add(request.partition_key)
+            for key, partition in requested_asset_partitions(request):
+                out.setdefault(key, set()).add(partition)
         return out
 
 

@@ -5,8 +5,9 @@
 * A 20-partition backfill never runs more than the configured ``dagster/backfill`` limit at once,
   and no two ``heavy`` steps ever overlap (step start/end from the event log), while the limit is
   actually reached (so the check is not vacuous).
-* One upstream change fans out to every sample as one backfill, not one run per sample
-  (``emit_backfills=True`` on the automation sensor of ``spatial_assets.definitions``).
+* One panel's new model fans out to every sample of that panel as one backfill, not one run per
+  sample, and to no sample of another panel (``emit_backfills=True`` on the automation sensor of
+  ``spatial_assets.definitions``, ``PanelModelCondition`` on the annotations).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import WorkspaceFileTarget
 from dagster_graphql.cli import execute_query
 
-from spatial_assets.defs.partitions import add_partitions, samples_partitions
+from spatial_assets.defs.automation import PANEL_ID_METADATA
+from spatial_assets.defs.partitions import add_partitions, panels_partitions, samples_partitions
 from spatial_assets_tests.daemon import daemon_env, running_daemon, wait_for, write_workspace
 from spatial_assets_tests.deploy.postgres import PostgresServer
 
@@ -34,7 +36,9 @@ POSTGRES_YAML = REPO / "deploy/dagster.postgres.yaml"
 N_SAMPLES = 500
 N_BACKFILL = 20
 N_RUNS = 5  # scale_location's backfill policy: 4 partitions per run
-N_FANOUT = 200  # samples a model change fans out to (each sample needs 3 reported events: ~0.1 s apiece)
+N_FANOUT = 90  # samples on two panels (each sample's two check results are reported one by one: ~0.1 s apiece)
+N_CHANGED = 60  # of them on the panel whose model changes
+PANEL_CHANGED, PANEL_OTHER = "p-aaaaaaaaaaaa", "p-bbbbbbbbbbbb"
 
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
@@ -160,78 +164,116 @@ def test_backfill_stays_under_its_limit_and_heavy_steps_never_overlap(
     assert concurrency.claimed_slots == [] and concurrency.pending_steps == []
 
 
-def _report_platform_state(instance: dg.DagsterInstance, samples: list[str]) -> None:
-    """Every upstream of the annotations materialized, with passing checks (as after a real run).
-
-    Materializations go in one batched insert; the per-sample check results (the blocking checks
-    the annotations wait for) one by one, in a few threads: Dagster opens a connection per storage
-    call, so this is connection-bound, not CPU-bound.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
+def _entry(key: str, partition: str | None, metadata: dict | None = None):
+    """A runless materialization event (what an external pipeline reports), for one batched insert."""
     from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
     from dagster._core.events.log import EventLogEntry
     from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 
-    def entry(key: str, partition: str | None) -> EventLogEntry:
-        event = DagsterEvent(event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=RUNLESS_JOB_NAME,
-                             event_specific_data=StepMaterializationData(dg.AssetMaterialization(key, partition=partition)))
-        return EventLogEntry(user_message="", level=20, job_name=RUNLESS_JOB_NAME, run_id=RUNLESS_RUN_ID, error_info=None,
-                             timestamp=time.time(), step_key=None, dagster_event=event)
+    materialization = dg.AssetMaterialization(key, partition=partition, metadata=metadata or {})
+    event = DagsterEvent(event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=RUNLESS_JOB_NAME,
+                         event_specific_data=StepMaterializationData(materialization))
+    return EventLogEntry(user_message="", level=20, job_name=RUNLESS_JOB_NAME, run_id=RUNLESS_RUN_ID, error_info=None,
+                         timestamp=time.time(), step_key=None, dagster_event=event)
 
-    upstream = [entry("reference_atlas", "poa")] + [entry(k, None) for k in ("training_set", "label_mapping", "celltype_model")]
-    instance.event_log_storage.store_event_batch(upstream)
-    instance.event_log_storage.store_event_batch([entry("spatial_cells", sid) for sid in samples])
-    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("spatial_cells")), limit=len(samples) + 10).records
-    assert len(records) == len(samples)
 
-    def passed(rec) -> None:
+def _report_platform_state(instance: dg.DagsterInstance, panel_of: dict[str, str]) -> None:
+    """The whole graph materialized, with passing blocking checks (as after a real run), for the
+    samples ``panel_of`` pairs with their panels.
+
+    Materializations go in batched inserts, in graph order; the blocking check results (the
+    annotations wait for those of ``spatial_cells``, the models for those of ``training_set``)
+    one by one, in a few threads: Dagster opens a connection per storage call, so this is
+    connection-bound, not CPU-bound.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples, panels = sorted(panel_of), sorted(set(panel_of.values()))
+    store = instance.event_log_storage.store_event_batch
+    store([_entry("reference_atlas", "poa")])
+    store([_entry("spatial_cells", s, {PANEL_ID_METADATA: panel_of[s]}) for s in samples])
+    store([_entry("sample_panel", s, {PANEL_ID_METADATA: panel_of[s]}) for s in samples])
+    store([_entry("domain_model", None)])
+    store([_entry(k, p, {PANEL_ID_METADATA: p}) for k in ("gene_panel", "training_set", "label_mapping", "celltype_model") for p in panels])
+    store([_entry(k, s) for k in ("spatial_domains", "domain_markers", "cell_type_annotations", "cell_type_summary",
+                                  "domain_composition") for s in samples])
+
+    def checked(key: str, checks: tuple[str, ...], partitions: list[str]) -> list[tuple]:
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key)), limit=len(partitions) + 10).records
+        assert sorted(r.partition_key for r in records) == partitions
+        return [(key, check, r) for r in records for check in checks]
+
+    def passed(item: tuple) -> None:
+        key, check, rec = item
         target = AssetCheckEvaluationTargetMaterializationData(storage_id=rec.storage_id, run_id=rec.run_id, timestamp=rec.timestamp)
-        for check in ("spatial_cells_normalization", "spatial_cells_gene_overlap"):
-            instance.report_runless_asset_event(dg.AssetCheckEvaluation(
-                asset_key=dg.AssetKey("spatial_cells"), check_name=check, passed=True, partition=rec.partition_key,
-                target_materialization_data=target))
+        instance.report_runless_asset_event(dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(key), check_name=check, passed=True, partition=rec.partition_key,
+            target_materialization_data=target))
 
+    items = checked("spatial_cells", ("spatial_cells_normalization", "spatial_cells_gene_overlap"), samples)
+    items += checked("training_set", ("training_set_normalization", "balanced_training_set"), panels)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(passed, records))
+        list(pool.map(passed, items))
 
 
 def test_one_model_change_fans_out_as_one_backfill_not_a_run_per_sample(
     pg_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A new ``celltype_model[panel]`` → one backfill re-annotating that panel's samples, and only those.
+
+    The samples' panels are what their ``sample_panel`` materializations name (the pairing
+    :class:`~spatial_assets.defs.automation.PanelModelCondition` reads); the other panel's samples
+    and their model stay untouched.
+    """
     from spatial_assets.definitions import automation_sensor
 
     assert automation_sensor.emit_backfills and automation_sensor.default_status == dg.DefaultSensorStatus.RUNNING
     home = _pg_home(tmp_path, "pg")
     env = {**pg_env, "SPATIAL_ASSETS_DEPLOYMENT": "local", "SPATIAL_ASSETS_HOME": str(tmp_path / "sa_home")}
-    samples = [f"sample_{i:03d}" for i in range(N_FANOUT)]
+    panel_of = {f"sample_{i:03d}": (PANEL_CHANGED if i < N_CHANGED else PANEL_OTHER) for i in range(N_FANOUT)}
+    on_changed = sorted(s for s, p in panel_of.items() if p == PANEL_CHANGED)
     workspace = write_workspace(tmp_path / "workspace.yaml", "spatial_assets.definitions", "spatial_assets")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("references", ["poa"])
-        add_partitions(instance, samples_partitions, samples)
+        add_partitions(instance, samples_partitions, sorted(panel_of))
+        add_partitions(instance, panels_partitions, [PANEL_CHANGED, PANEL_OTHER])
         t0 = time.perf_counter()
-        _report_platform_state(instance, samples)
-        print(f"\n[scale] reported {N_FANOUT} sample materializations + {2 * N_FANOUT} check results in {time.perf_counter() - t0:.1f} s")
+        _report_platform_state(instance, panel_of)
+        print(f"\n[scale] reported the graph for {N_FANOUT} samples on 2 panels ({N_CHANGED} + {N_FANOUT - N_CHANGED}) "
+              f"in {time.perf_counter() - t0:.1f} s")
         log = tmp_path / "daemon.log"
 
         def sensor_ticks():
             return [t for t in instance.get_ticks(*_sensor_selector(instance)) if t.status.value in ("SUCCESS", "SKIPPED")]
 
         with running_daemon(home, workspace, daemon_env(env), log):
-            # first tick: the initial evaluation (nothing is new yet)
-            wait_for(lambda: len(sensor_ticks()) >= 1, 240, "the automation sensor's first tick", log=log, interval=1)
+            # first tick: the initial evaluation of a platform at rest
+            (first,) = wait_for(lambda: sensor_ticks()[-1:], 240, "the automation sensor's first tick", log=log, interval=1)
             runs_before = {r.run_id for r in instance.get_runs()}
-            # the reference change has reached the model: a new celltype_model materialization
-            instance.report_runless_asset_event(dg.AssetMaterialization("celltype_model"))
-            backfills = wait_for(lambda: instance.get_backfills(), 120, "the automation sensor's backfill", log=log, interval=1)
-            ticks = sensor_ticks()
+            backfills_before = instance.get_backfills()
+            # the reference change has reached one panel's model: a new celltype_model[panel] materialization
+            instance.report_runless_asset_event(dg.AssetMaterialization("celltype_model", partition=PANEL_CHANGED))
+            requesting = wait_for(
+                lambda: [t for t in sensor_ticks() if t.tick_id != first.tick_id and t.tick_data.run_requests],
+                150, "an automation tick requesting the re-annotation", log=log, interval=1,
+            )
+            backfills = instance.get_backfills()
         new_runs = [r for r in instance.get_runs() if r.run_id not in runs_before]
+    assert first.tick_data.run_requests in (None, []), f"the first tick of a platform at rest requested {first.tick_data.run_requests}"
+    assert backfills_before == []
+    (tick,) = requesting  # one tick did it
+    (request,) = tick.tick_data.run_requests  # one request, and it is a backfill
+    assert request.requires_backfill_daemon()
     assert len(backfills) == 1
     (backfill,) = backfills
-    targeted = {k.to_user_string(): v for k, v in _target_counts(backfill).items()}
-    print(f"[scale] one new model → {len(backfills)} backfill targeting {targeted}; "
-          f"runs outside it: {sum(BACKFILL_ID_TAG not in r.tags for r in new_runs)}; sensor ticks {len(ticks)}")
-    assert targeted["cell_type_annotations"] == N_FANOUT
+    targeted = _target_partitions(backfill)
+    print(f"[scale] one new model → {len(backfills)} backfill targeting "
+          f"{ {k: len(v) for k, v in targeted.items()} }; "
+          f"runs outside it: {sum(BACKFILL_ID_TAG not in r.tags for r in new_runs)}")
+    assert sorted(targeted["cell_type_annotations"]) == on_changed  # every sample of the changed panel
+    for key, partitions in targeted.items():  # and nothing of the other panel's samples, nor models
+        assert set(partitions) <= set(on_changed), (key, sorted(set(partitions) - set(on_changed))[:5])
+    assert "celltype_model" not in targeted
     assert all(r.tags.get(BACKFILL_ID_TAG) == backfill.backfill_id for r in new_runs)  # no run per sample outside it
 
 
@@ -250,9 +292,9 @@ def _sensor_selector(instance: dg.DagsterInstance):
     return (state.instigator_origin_id, state.selector_id)
 
 
-def _target_counts(backfill) -> dict[dg.AssetKey, int]:
-    """Asset → number of partitions the backfill targets (1 for an unpartitioned asset)."""
+def _target_partitions(backfill) -> dict[str, list[str | None]]:
+    """Asset → the partitions the backfill targets ([None] for an unpartitioned asset)."""
     subset = backfill.asset_backfill_data.target_subset
-    counts = {key: len(parts) for key, parts in subset.partitions_subsets_by_asset_key.items()}
-    counts.update(dict.fromkeys(subset.non_partitioned_asset_keys, 1))
-    return counts
+    out = {key.to_user_string(): list(parts.get_partition_keys()) for key, parts in subset.partitions_subsets_by_asset_key.items()}
+    out.update({key.to_user_string(): [None] for key in subset.non_partitioned_asset_keys})
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import geopandas as gpd
 import pandas as pd
@@ -23,7 +25,11 @@ def test_segment_writes_three_outputs(tmp_path, capsys):
     assert list(b["cell_id"]) == list(cells.obs_names) and b.geometry.is_valid.all()
     assert cells.uns["segmentation"]["parameters"]["expand_um"] == 5.0
     assert f"{cells.n_obs} cells" in printed.out and "assigned transcripts" in printed.out and "median transcripts per cell" in printed.out
-    assert "[segment]" in printed.err
+    # the shared CLI conventions: timed progress lines on stderr, every file written listed at the end
+    assert re.search(r"^\[\s*\d+\.\ds\] reading ", printed.err, re.M), printed.err
+    written = printed.out.split("files written:")[1]
+    for name in ("lung.h5ad", "lung.boundaries.parquet", "lung.transcripts.parquet"):
+        assert str(tmp_path / "res" / name) in written
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == ["lung.boundaries.parquet", "lung.h5ad", "lung.transcripts.parquet"]
 
 
@@ -43,3 +49,9 @@ def test_bad_input_writes_nothing(tmp_path, capsys):
 def test_registered_in_main_parser():
     args = build_parser().parse_args(["segment", "--input", "x", "--out", "y.h5ad", "--platform", "merscope", "--z", "1"])
     assert args.platform == "merscope" and args.z == "1" and args.method is None
+
+
+def test_out_must_be_h5ad_is_bad_input(tmp_path, capsys):
+    assert main(["segment", "--input", str(COSMX), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "--out must end with .h5ad" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -222,7 +222,7 @@ def cell_type_annotations(
         "panel_name": panel.name,
         "mean_confidence": float(obs[schema.CONFIDENCE].mean()),
         "unassigned_fraction": unassigned,
-        "confidence_threshold": settings.confidence_threshold,
+        "confidence_threshold": float(annotated.uns[schema.CELLTYPING_UNS]["confidence_threshold"]),
         "model_sha256": annotated.uns[schema.PROVENANCE_UNS]["model"]["sha256"],
         "provenance": dg.MetadataValue.json(annotated.uns[schema.PROVENANCE_UNS]),
         "cells_per_type": md_table(["cell type", "cells"], obs[schema.CELL_TYPE].value_counts().items()),
@@ -235,7 +235,8 @@ def cell_type_annotations(
 def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSettings) -> dict:
     from spatial_assets.celltyping.plots import write_celltyping_plots
 
-    return write_celltyping_plots(annotated, out_dir, confidence_threshold=settings.confidence_threshold)
+    threshold = float(annotated.uns[schema.CELLTYPING_UNS]["confidence_threshold"])
+    return write_celltyping_plots(annotated, out_dir, confidence_threshold=threshold)
 
 
 @dg.asset(
