@@ -100,13 +100,24 @@ def stage_folder(store: Any, files: Iterable[tuple[str, str]], dest: str | Path)
     return stage_files([(rel, store.get_file(key)) for rel, key in files], dest)
 
 
-def describe_raw_sample(store: Any, landed: LandedSample, *, z: str = "all", workdir: str | Path) -> dict[str, Any]:
+def describe_raw_sample(
+    store: Any,
+    landed: LandedSample,
+    *,
+    z: str = "all",
+    workdir: str | Path,
+    method: str | None = None,
+    weights_dir: str | None = None,
+) -> dict[str, Any]:
     """Read a landed raw folder as the segmentation will, and record what it is (the ``raw_sample`` record).
 
     The folder is staged locally, its platform detected from its files and read with that platform's
     reader, so a folder of no known platform, a missing image or transform, an empty transcript table
     or an unreadable TIFF fails here with the reader's message (naming the file) and nothing is
     recorded. Every file is fingerprinted: sha256 (of the bytes read), ETag and size (of the listing).
+    The segmentation ``method`` the settings ask for (None: the sample's default, vendor where the
+    folder has the instrument's cells, else watershed) is checked here too (:func:`check_method_for`):
+    a missing binary / weights directory or a missing image fails before anything is stored.
     """
     from spatial_assets.segmentation.fingerprint import fingerprint_files
     from spatial_assets.segmentation.platforms import detect_platform
@@ -125,6 +136,7 @@ def describe_raw_sample(store: Any, landed: LandedSample, *, z: str = "all", wor
     with named_in_storage(folder, landing_uri):
         platform = detect_platform(folder)
         sample = read_sample(folder, platform, z=z)
+        resolved = check_method_for(sample, method, weights_dir=weights_dir)
     sums = fingerprint_files(folder, [rel for rel, *_ in files])
     changed = [rel for rel, _, _, size in files if sums[rel]["size"] != size]
     if changed:
@@ -155,7 +167,27 @@ def describe_raw_sample(store: Any, landed: LandedSample, *, z: str = "all", wor
         },
         "vendor_cells": None if sample.vendor is None else sample.vendor.source,
         "z": str(z),
+        "method": resolved,
     }
+
+
+def check_method_for(sample: Any, method: str | None, *, weights_dir: str | None = None) -> str:
+    """The method that will segment ``sample`` (``method`` or the sample's default), after checking it can:
+    its binary / package / weights are here (:func:`~spatial_assets.segmentation.methods.check_method_available`),
+    ``vendor`` only where the folder has the instrument's cells, and an image for every other method.
+    Raises :class:`SegmentationInputError` (naming the folder and the files expected) otherwise."""
+    from spatial_assets.segmentation.methods import check_method_available, default_method
+
+    resolved = method or default_method(sample)
+    check_method_available(resolved, weights_dir=weights_dir)
+    if resolved == "vendor" and sample.vendor is None:
+        raise SegmentationInputError(
+            f"{sample.folder}: method 'vendor' but the folder has no segmentation of the instrument "
+            "(set segmentation_method to watershed or another method)"
+        )
+    if resolved != "vendor":
+        sample.require_image(f"--method {resolved}")
+    return resolved
 
 
 @contextlib.contextmanager
@@ -322,6 +354,7 @@ __all__ = [
     "RawSampleError",
     "StaleRawSampleError",
     "boundaries_table",
+    "check_method_for",
     "describe_raw_sample",
     "lineage_files",
     "lineage_of",

@@ -350,7 +350,8 @@ def test_bad_raw_folders_fail_only_their_own_partition(platform, expected, tmp_p
         assert message in error, error
         assert f"s3://{platform.bucket}/landing/samples/{sid}" in error, error  # the file in storage, not a temp copy
         assert platform.store.list(f"assets/raw_sample/{sid}") == []
-        assert not any(o.key.split("/")[2].startswith(sid) for o in platform.store.list("assets/"))
+        written = [o.key for o in platform.store.list("assets/") if o.key.count("/") >= 2 and o.key.split("/")[2].startswith(sid)]
+        assert written == [], written
     assert "micron_to_mosaic_pixel_transform.csv" in _failure_messages(platform.instance, by_partition["bad_transform"][0].run_id)
     assert "Each platform needs: xenium:" in _failure_messages(platform.instance, by_partition["bad_unknown"][0].run_id)
     good = by_partition["merscope_cells"]

@@ -65,7 +65,10 @@ def raw_sample(context: dg.AssetExecutionContext, storage: StorageResource, sett
     if sample_id not in landed:
         raise FileNotFoundError(f"sample {sample_id!r}: nothing under {prefix_uri(store, settings.landing_prefix)}")
     with tempfile.TemporaryDirectory(prefix=f"raw_{sample_id}_") as tmp:
-        record = describe_raw_sample(store, landed[sample_id], z=settings.segmentation_z, workdir=tmp)
+        record = describe_raw_sample(
+            store, landed[sample_id], z=settings.segmentation_z, workdir=tmp,
+            method=settings.segmentation_method or None, weights_dir=settings.segmentation_weights_dir or None,
+        )
     files = record["files"]
     context.add_output_metadata(
         {
@@ -77,6 +80,7 @@ def raw_sample(context: dg.AssetExecutionContext, storage: StorageResource, sett
             "n_transcripts": record["n_transcripts"],
             "n_genes": record["n_genes"],
             "vendor_cells": record["vendor_cells"] or "none",
+            "segmentation_method": record["method"],
             "image": dg.MetadataValue.json(record["image"] or {}),
             "files": md_table(["file", "bytes", "sha256", "ETag"],
                               ((rel, f["size"], f["sha256"][:16] + "…", f["etag"]) for rel, f in sorted(files.items()))),
