@@ -323,7 +323,11 @@ def _bad_folders(tmp: Path) -> dict[str, tuple[Path, str]]:
     empty = tmp / "empty"
     shutil.copytree(MERSCOPE, empty)
     (empty / "detected_transcripts.csv").write_text(",gene,global_x,global_y,global_z\n")
+    no_image = tmp / "no_image"
+    shutil.copytree(MERSCOPE, no_image)
+    (no_image / "images" / "mosaic_PolyT_z1.tif").unlink()
     return {
+        "bad_image": (no_image, "images: mosaic_PolyT_z1.tif is missing"),
         "bad_unknown": (unknown, "no known platform"),
         "bad_transform": (no_transform, "missing transform file"),
         "bad_empty": (empty, "detected_transcripts.csv: the transcript table is empty"),
