@@ -291,24 +291,67 @@ def test_lineage_raw_files_to_annotations_and_audit(platform):
     assert platform.daemon.run_until_quiet() == []
 
 
+def _ensure_landed(platform, sample_id: str) -> None:
+    if sample_id not in platform.counts("raw_sample"):
+        land_sample(platform.store, sample_id, str(MERSCOPE))
+        assert all(r.success for r in platform.daemon.run_until_quiet())
+
+
 def test_second_raw_sample_runs_only_its_own_partitions(platform):
+    # SECOND, unless the re-landing test landed it already (each test passes alone and in any order)
+    sid = SECOND if SECOND not in platform.counts("raw_sample") else SECOND + "_fresh"
     before = platform.all_counts()
-    land_sample(platform.store, SECOND, str(MERSCOPE))
+    land_sample(platform.store, sid, str(MERSCOPE))
     runs = platform.daemon.run_until_quiet()
     assert all(r.success for r in runs), [r for r in runs if not r.success]
-    assert {r.partition for r in runs} == {SECOND}, runs
+    assert {r.partition for r in runs} == {sid}, runs
     assert {a for r in runs for a in r.assets} >= {*RAW_ASSETS, *DOWNSTREAM}
     after = platform.all_counts()
     for key, parts in after.items():
         # the first sample, the panel's model and the shared domain model: not re-materialized
-        assert {p: n for p, n in parts.items() if p != SECOND} == before.get(key, {}), key
+        assert {p: n for p, n in parts.items() if p != sid} == before.get(key, {}), key
     for key in (*RAW_ASSETS, *DOWNSTREAM):
-        assert after[key][SECOND] == 1, key
+        assert after[key][sid] == 1, key
     # same bytes, same cells: the segmentation is deterministic across samples
-    a, b = platform.h5ad("spatial_cells", FIRST), platform.h5ad("spatial_cells", SECOND)
+    a, b = platform.h5ad("spatial_cells", FIRST), platform.h5ad("spatial_cells", sid)
     assert a.uns["content_sha256"] == b.uns["content_sha256"]
     assert (platform.h5ad("cell_type_annotations", FIRST).obs["cell_type"].astype(str).to_numpy()
-            == platform.h5ad("cell_type_annotations", SECOND).obs["cell_type"].astype(str).to_numpy()).all()
+            == platform.h5ad("cell_type_annotations", sid).obs["cell_type"].astype(str).to_numpy()).all()
+
+
+def test_a_relanded_folder_with_other_bytes_is_stale_then_runs_again(platform, tmp_path):
+    _ensure_landed(platform, SECOND)
+    old = json.loads(platform.store.read_bytes(f"assets/raw_sample/{SECOND}.json"))
+    changed = tmp_path / "relanded"
+    shutil.copytree(MERSCOPE, changed)
+    rel = "images/micron_to_mosaic_pixel_transform.csv"
+    (changed / rel).write_bytes((MERSCOPE / rel).read_bytes() + b"\n")  # same transform, other bytes
+    with pytest.raises(Exception, match="has already landed"):
+        land_sample(platform.store, SECOND, str(changed))  # not without --replace
+    before = platform.all_counts()
+    land_sample(platform.store, SECOND, str(changed), replace=True)
+    code, text = platform.audit(SECOND)  # before any run: the file in the landing area differs from the record
+    assert code == 3, text
+    stale = [line for line in text.splitlines() if line.lstrip().startswith("[STALE]")]
+    assert len(stale) == 1 and f"raw file {rel} (file at s3://{platform.bucket}/landing/samples/{SECOND}/{rel})" in stale[0], stale
+    runs = platform.daemon.run_until_quiet()
+    assert all(r.success for r in runs), [r for r in runs if not r.success]
+    assert {r.partition for r in runs} == {SECOND}, runs
+    assert [(r.job, r.sensor) for r in runs if r.sensor == "sample_landing_sensor"] == [("raw_samples_job", "sample_landing_sensor")]
+    after = platform.all_counts()
+    for key in (*RAW_ASSETS, *DOWNSTREAM):
+        assert after[key][SECOND] == before[key][SECOND] + 1, key
+    for key, parts in after.items():
+        assert {p: n for p, n in parts.items() if p != SECOND} == {p: n for p, n in before.get(key, {}).items() if p != SECOND}, key
+    new = json.loads(platform.store.read_bytes(f"assets/raw_sample/{SECOND}.json"))
+    assert new["files"][rel]["sha256"] == hashlib.sha256((changed / rel).read_bytes()).hexdigest() != old["files"][rel]["sha256"]
+    assert new["landing_fingerprint"] != old["landing_fingerprint"]
+    assert {k: v["sha256"] for k, v in new["files"].items() if k != rel} == {k: v["sha256"] for k, v in old["files"].items() if k != rel}
+    # the annotations now carry the new file's hash: up to date again
+    prov = platform.h5ad("cell_type_annotations", SECOND).uns["provenance"]
+    assert dict(zip(prov["raw"]["files"]["path"], prov["raw"]["files"]["sha256"]))[rel] == new["files"][rel]["sha256"]
+    code, text = platform.audit(SECOND)
+    assert code == 0, text
 
 
 def _bad_folders(tmp: Path) -> dict[str, tuple[Path, str]]:
