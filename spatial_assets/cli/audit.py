@@ -50,10 +50,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    summary = (
-        "print a sample's lineage (raw files → segmentation → cells, references → training set → model → "
-        "annotations) and whether it is stale"
-    )
+    summary = "print a sample's lineage (raw files → cells, references → model → annotations) and whether it is stale"
     p = subparsers.add_parser(
         "audit",
         help=summary,

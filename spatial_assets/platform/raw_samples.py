@@ -18,15 +18,14 @@ them with storage.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import numpy as np
 
 from spatial_assets.core.lineage import content_hash
-from spatial_assets.platform.registry import RAW, LandedSample
+from spatial_assets.platform.registry import RAW, LandedSample, named_in_storage
 from spatial_assets.segmentation.errors import SegmentationInputError
 from spatial_assets.segmentation.qc import QCFilters, QCLimits
 
@@ -188,16 +187,6 @@ def check_method_for(sample: Any, method: str | None, *, weights_dir: str | None
     if resolved != "vendor":
         sample.require_image(f"--method {resolved}")
     return resolved
-
-
-@contextlib.contextmanager
-def named_in_storage(folder: Path, landing_uri: str) -> Iterator[None]:
-    """Readers' errors name the file in the landing area, not in the local staging directory."""
-    try:
-        yield
-    except SegmentationInputError as exc:
-        message = str(exc).replace(str(folder).rstrip("/") + "/", landing_uri).replace(str(folder), landing_uri.rstrip("/"))
-        raise type(exc)(message) from exc
 
 
 def _verified_folder(store: Any, record: dict[str, Any], workdir: str | Path) -> Path:

@@ -7,11 +7,13 @@ tick stays fast however large the files are.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import numpy as np
@@ -347,6 +349,19 @@ def raw_folder_key(prefix: str, sample_id: str) -> str:
     return f"{prefix.rstrip('/')}/{sample_id}/"
 
 
+@contextlib.contextmanager
+def named_in_storage(folder: Path, landing_uri: str) -> Iterator[None]:
+    """Readers' errors name the file where the user put it (the landing area, an ``s3://`` source), not in
+    the local staging directory it was read from."""
+    from spatial_assets.segmentation.errors import SegmentationInputError
+
+    try:
+        yield
+    except SegmentationInputError as exc:
+        message = str(exc).replace(str(folder).rstrip("/") + "/", landing_uri).replace(str(folder), landing_uri.rstrip("/"))
+        raise type(exc)(message) from exc
+
+
 def land_raw_folder(
     store: Any,
     sample_id: str,
@@ -380,8 +395,9 @@ def land_raw_folder(
         )
     with tempfile.TemporaryDirectory(prefix="land_raw_") as tmp:
         folder = fetch_folder(str(path), tmp)
-        platform = detect_platform(folder)
-        sample = read_sample(folder, platform)  # the readers' checks; errors name the file at fault
+        with named_in_storage(folder, str(path).rstrip("/") + "/"):
+            platform = detect_platform(folder)
+            sample = read_sample(folder, platform)  # the readers' checks; errors name the file at fault
         files = sorted(str(p.relative_to(folder)).replace("\\", "/") for p in folder.rglob("*") if p.is_file())
         new_keys = {folder_key + rel for rel in files}
         n_bytes = 0
