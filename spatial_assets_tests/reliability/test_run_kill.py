@@ -101,8 +101,9 @@ def test_sigkilled_step_and_run_worker_fail_the_run_free_the_slot_and_one_retry_
                            instance=instance, resources=defs.resources)
 
         materialize(["reference_atlas"], "poa")
-        materialize(["training_set", "label_mapping", "celltype_model"])
-        materialize(["spatial_cells"], SAMPLE)
+        materialize(["spatial_cells", "sample_panel"], SAMPLE)  # sample_panel adds the sample's panel partition
+        (panel,) = instance.get_dynamic_partitions("panels")
+        materialize(["gene_panel", "training_set", "label_mapping", "celltype_model"], panel)
         # the undisturbed run, in-process (gate open), as the reference result
         (gate / "release").touch()
         materialize(["cell_type_annotations"], SAMPLE)
