@@ -12,6 +12,9 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*use_user_c
 from spatial_assets.defs.automation import automation_sensor
 from spatial_assets.defs.celltyping import assets as celltyping_assets
 from spatial_assets.defs.celltyping import checks as celltyping_checks
+from spatial_assets.defs.deconvolution import assets as deconvolution_assets
+from spatial_assets.defs.deconvolution import checks as deconvolution_checks
+from spatial_assets.defs.deconvolution import sensors as deconvolution_sensors
 from spatial_assets.defs.deployment import build_resources
 from spatial_assets.defs.domains import assets as domain_assets
 from spatial_assets.defs.domains import checks as domain_checks
@@ -26,8 +29,8 @@ from spatial_assets.defs.segmentation import assets as segmentation_assets
 from spatial_assets.defs.segmentation import checks as segmentation_checks
 from spatial_assets.defs.settings import settings_from_env
 
-_asset_modules = [reference_assets, segmentation_assets, sample_assets, celltyping_assets, domain_assets]
-_check_modules = [segmentation_checks, sample_checks, celltyping_checks, domain_checks]
+_asset_modules = [reference_assets, segmentation_assets, sample_assets, celltyping_assets, domain_assets, deconvolution_assets]
+_check_modules = [segmentation_checks, sample_checks, celltyping_checks, domain_checks, deconvolution_checks]
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
@@ -38,7 +41,12 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
         assets=dg.load_assets_from_modules(_asset_modules),
         asset_checks=dg.load_asset_checks_from_modules(_check_modules),
         jobs=ALL_JOBS,
-        sensors=[reference_sensors.reference_manifest_sensor, sample_sensors.sample_landing_sensor, automation_sensor],
+        sensors=[
+            reference_sensors.reference_manifest_sensor,
+            sample_sensors.sample_landing_sensor,
+            deconvolution_sensors.spot_landing_sensor,
+            automation_sensor,
+        ],
         schedules=[reference_sensors.nightly_reference_reobservation],
         resources=resources,
         executor=executor_from_env(),

@@ -306,6 +306,53 @@ def plot_coverage_accuracy(adata: ad.AnnData, out_path: str | Path) -> Path:
     return _save(fig, out_path)
 
 
+def plot_model_coverage_accuracy(card: Mapping, out_path: str | Path) -> Path:
+    """A model's coverage–accuracy curves on held-out reference cells, one per regime.
+
+    Unassigned fraction vs accuracy of the assigned cells as the confidence threshold rises
+    (out-of-fold predictions of the training cross-validation), the target precision, and the
+    default threshold each regime chose with its expected Unassigned fraction. What a user reads
+    before annotating: how many cells the default threshold will leave Unassigned for the
+    precision it promises (on the reference's own platform; unverified under a platform shift).
+    """
+    regimes = card.get("regimes") if isinstance(card, Mapping) else None
+    if not isinstance(regimes, Mapping) or not regimes:
+        raise PlotInputError("the model card has no 'regimes' (train_model writes them)")
+    colors = {"same_platform": "#1f77b4", "shifted": "#ff7f0e"}
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    target = None
+    drawn = 0
+    for name, reg in regimes.items():
+        curve = reg.get("curve", {})
+        if not len(curve.get("threshold", [])) or "assigned_accuracy" not in curve:
+            continue
+        color = colors.get(str(name), None)
+        u = np.asarray(curve["unassigned_fraction"], dtype=float)
+        a = np.asarray(curve["assigned_accuracy"], dtype=float)
+        ax.plot(u, a, "o-", markersize=3, color=color, label=f"{name} regime")
+        thr = reg.get("threshold", {})
+        if "threshold" in thr:
+            target = thr.get("target_precision", target)
+            cov = float(thr.get("expected_coverage", float("nan")))
+            verified = "verified" if reg.get("threshold_verified") else "unverified"
+            ax.plot([1 - cov], [float(thr.get("expected_precision", float("nan")))], "*", markersize=13, color=color,
+                    markeredgecolor="black",
+                    label=f"{name} threshold {float(thr['threshold']):.2f}: Unassigned {1 - cov:.0%} ({verified})")  # fmt: skip
+        drawn += 1
+    if not drawn:
+        raise PlotInputError("no regime of the model card has a coverage curve")
+    if target is not None:
+        ax.axhline(float(target), color="grey", linestyle=":", label=f"target precision {float(target):g}")
+    ax.set_xlabel("Unassigned fraction (held-out reference cells)")
+    ax.set_ylabel("accuracy of assigned cells")
+    ax.set_xlim(-0.02, 1.02)
+    n = card.get("calibration", {}).get("n_held_out", "?")
+    ax.set_title(f"coverage vs accuracy, {len(card.get('classes', []))} classes, {n} held-out cells", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out_path)
+
+
 def write_celltyping_plots(
     adata: ad.AnnData,
     out_dir: str | Path,

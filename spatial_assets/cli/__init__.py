@@ -32,6 +32,7 @@ DESCRIPTION = (
 COMMANDS: tuple[str, ...] = (
     "celltype",
     "domains",
+    "deconvolve",
     "audit",
     "segment",
     "reference",

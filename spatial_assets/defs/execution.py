@@ -33,6 +33,7 @@ HEAVY_STEPS: dict[str, tuple[int, int]] = {
     "cell_type_annotations": (2, 6144),
     "domain_model": (2, 12288),
     "spatial_domains": (2, 6144),
+    "spot_deconvolution": (2, 8192),
 }
 
 EXECUTOR_ENV = "SPATIAL_ASSETS_EXECUTOR"

@@ -52,9 +52,35 @@ domain_model_job = dg.define_asset_job(
 )
 domains_job = dg.define_asset_job(
     "domains_job",
-    selection=dg.AssetSelection.assets("spatial_domains", "domain_composition", "domain_markers"),
-    description="Assign one sample's domains with the shared model, then composition and markers (partition = sample id).",
+    selection=dg.AssetSelection.assets("spatial_domains", "domain_composition", "domain_markers", "spatially_variable_genes"),
+    description=(
+        "Assign one sample's domains with the shared model, then composition and markers; and the sample's "
+        "spatially variable genes (partition = sample id)."
+    ),
     tags={"spatial_assets/area": "domains"},
 )
 
-ALL_JOBS = [references_job, samples_job, raw_samples_job, panel_models_job, celltyping_job, domain_model_job, domains_job]
+spot_samples_job = dg.define_asset_job(
+    "spot_samples_job",
+    selection=dg.AssetSelection.assets("spot_sample"),
+    description="Read one landed spot-level sample (Visium spots / Visium HD bins) and check it (partition = spot sample id).",
+    tags={"spatial_assets/area": "deconvolution"},
+)
+spot_deconvolution_job = dg.define_asset_job(
+    "spot_deconvolution_job",
+    selection=dg.AssetSelection.assets("spot_deconvolution", "spot_domains", "spot_domain_composition"),
+    description="Deconvolve one spot sample with the registered references, then its domains and their composition.",
+    tags={"spatial_assets/area": "deconvolution"},
+)
+
+ALL_JOBS = [
+    references_job,
+    samples_job,
+    raw_samples_job,
+    panel_models_job,
+    celltyping_job,
+    domain_model_job,
+    domains_job,
+    spot_samples_job,
+    spot_deconvolution_job,
+]

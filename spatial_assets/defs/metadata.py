@@ -23,3 +23,18 @@ def table_metadata(df: pd.DataFrame, *, partitioned: bool = True) -> dict[str, A
     if partitioned:
         meta["dagster/partition_row_count"] = int(len(df))
     return meta
+
+
+def _plain(value: Any) -> Any:
+    """A TableRecord value: str/int/float/bool (numpy scalars unwrapped, NaN kept as float)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def table_value(df: pd.DataFrame) -> dg.MetadataValue:
+    """A small DataFrame as a Dagster table (rendered as a table in the UI's metadata panel)."""
+    types = {"b": "bool", "i": "int", "u": "int", "f": "float"}
+    columns = [dg.TableColumn(name=str(c), type=types.get(df[c].dtype.kind, "string")) for c in df.columns]
+    records = [dg.TableRecord({str(c): _plain(v) for c, v in row.items()}) for row in df.to_dict("records")]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))

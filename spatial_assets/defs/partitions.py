@@ -1,4 +1,4 @@
-"""Dynamic partitions: one per reference atlas, one per spatial sample, one per gene panel.
+"""Dynamic partitions: one per reference atlas, one per spatial sample, one per gene panel, one per spot sample.
 
 Reference and sample partitions are added by the sensors (or the demo) after id validation, never
 by free text from the UI, so every partition key is also a safe storage key. Panel partitions are
@@ -14,8 +14,10 @@ from spatial_assets.platform.panels import validate_panel_id
 references_partitions = dg.DynamicPartitionsDefinition(name="references")
 samples_partitions = dg.DynamicPartitionsDefinition(name="samples")
 panels_partitions = dg.DynamicPartitionsDefinition(name="panels")
+#: spot-level samples (Visium spots, Visium HD bins): their own kind of sample, deconvolved, not annotated
+spot_samples_partitions = dg.DynamicPartitionsDefinition(name="spot_samples")
 
-_KINDS = {"references": "reference id", "samples": "sample id", "panels": "panel id"}
+_KINDS = {"references": "reference id", "samples": "sample id", "panels": "panel id", "spot_samples": "spot sample id"}
 
 
 def validate_partition_key(partitions: dg.DynamicPartitionsDefinition, key: str) -> str:

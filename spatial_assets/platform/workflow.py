@@ -135,8 +135,138 @@ def train_celltype_model(training_set: ad.AnnData, settings: Settings) -> Any:
     model.card["references"] = dict(training_set.uns.get("lineage_references", {}))
     if "panel" in training_set.uns:
         model.card["panel"] = dict(training_set.uns["panel"])
+    model.card["platform_settings"] = {"reg_per_cell": str(settings.reg_per_cell), "seed": int(settings.seed)}
+    model.card["decisions"] = model_decisions(model.card)
     model.card.setdefault("library_versions", library_versions())
     return model
+
+
+def model_decisions(card: dict[str, Any]) -> dict[str, Any]:
+    """What training decided from the data, and why, in one readable block of the model card.
+
+    * ``regularization``: the L2 penalty per training cell that was asked for (``auto`` = chosen by
+      cross-validation), the grid the cross-validation walked, the value chosen per regime with
+      the reason the training module gave;
+    * ``thresholds``: per regime, the default confidence threshold (the confidence at which
+      out-of-fold reference cells reach the target precision), its expected coverage and whether
+      the target was reached; the ``shifted`` regime's is unverified by construction (reference
+      cells say little about a query from another platform);
+    * ``rare_classes``: classes kept with fewer training cells than the rare-class rule.
+    """
+    params = card.get("parameters", {})
+    cv = card.get("cross_validation", {})
+    regimes = card.get("regimes", {})
+    walked = sorted({float(r["reg_per_cell"]) for r in cv.get("grid", []) if r.get("reg_per_cell") is not None}, reverse=True)
+    chosen, thresholds = {}, {}
+    for name, reg in regimes.items():
+        chosen[name] = {
+            "reg_per_cell": reg.get("reg_per_cell"),
+            "cv_reg_per_cell": reg.get("cv_reg_per_cell", reg.get("reg_per_cell")),
+            "why": str(reg.get("why", "")),
+        }
+        thr = reg.get("threshold", {})
+        thresholds[name] = {
+            "threshold": float(thr.get("threshold", float("nan"))),
+            "expected_coverage": float(thr.get("expected_coverage", float("nan"))),
+            "expected_precision": float(thr.get("expected_precision", float("nan"))),
+            "target_precision": float(thr.get("target_precision", params.get("target_precision", float("nan")))),
+            "target_reached": bool(thr.get("target_reached", False)),
+            "verified": bool(reg.get("threshold_verified", False)),
+            "temperature": float(reg.get("temperature", float("nan"))),
+        }
+    return {
+        "regularization": {
+            "requested": params.get("reg_per_cell"),
+            "cv_criterion": params.get("cv_criterion", ""),
+            "cv_folds": cv.get("folds", params.get("cv_folds")),
+            "cv_n_cells": cv.get("n_cells"),
+            "cv_grid": walked,
+            "chosen": chosen,
+        },
+        "thresholds": thresholds,
+        "rare_classes": list(card.get("rare_classes", [])),
+        "rare_class_rule": str(card.get("rare_class_rule", "")),
+    }
+
+
+def cv_scores_table(card: dict[str, Any]) -> pd.DataFrame:
+    """One row per regularisation value the cross-validation tried (strongest first), and which
+    regime chose it: the evidence behind ``decisions['regularization']``."""
+    chosen: dict[float, list[str]] = {}
+    for name, reg in card.get("regimes", {}).items():
+        value = reg.get("cv_reg_per_cell", reg.get("reg_per_cell"))
+        if isinstance(value, (int, float)):
+            chosen.setdefault(float(value), []).append(name)
+    rows = []
+    for rec in card.get("cross_validation", {}).get("grid", []):
+        reg = rec.get("reg_per_cell")
+        rows.append(
+            {
+                "reg_per_cell": float("nan") if reg is None else float(reg),
+                "held_out_nll_class_balanced": float(rec.get("held_out_nll_class_balanced", float("nan"))),
+                "held_out_nll_class_balanced_se": float(rec.get("held_out_nll_class_balanced_se", float("nan"))),
+                "held_out_accuracy": float(rec.get("held_out_accuracy", float("nan"))),
+                "held_out_balanced_accuracy": float(rec.get("held_out_balanced_accuracy", float("nan"))),
+                "temperature": float(rec.get("temperature", float("nan"))),
+                "chosen_for": ", ".join(chosen.get(float(reg), [])) if reg is not None else "",
+            }
+        )
+    table = pd.DataFrame(rows, columns=["reg_per_cell", "held_out_nll_class_balanced", "held_out_nll_class_balanced_se",
+                                        "held_out_accuracy", "held_out_balanced_accuracy", "temperature", "chosen_for"])
+    return table.sort_values("reg_per_cell", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def coverage_curve_table(card: dict[str, Any]) -> pd.DataFrame:
+    """The coverage–accuracy curve per regime on held-out reference cells: for each confidence
+    threshold, the Unassigned fraction and the accuracy of the cells still assigned."""
+    rows = []
+    for name, reg in card.get("regimes", {}).items():
+        curve = reg.get("curve", {})
+        for t, u, a in zip(curve.get("threshold", []), curve.get("unassigned_fraction", []), curve.get("assigned_accuracy", [])):
+            rows.append({"regime": str(name), "threshold": float(t), "unassigned_fraction": float(u), "assigned_accuracy": float(a)})
+    return pd.DataFrame(rows, columns=["regime", "threshold", "unassigned_fraction", "assigned_accuracy"])
+
+
+#: what annotation decided, as recorded in ``uns['celltyping']`` (annotation.annotate); the keys the
+#: platform copies into the provenance and the materialization metadata
+DECISION_KEYS = (
+    "shift_index",
+    "shift_index_threshold",
+    "shift_index_genes",
+    "platform_shift",
+    "regime",
+    "regime_reason",
+    "alignment_requested",
+    "alignment",
+    "reg_per_cell",
+    "regularization_reason",
+    "confidence_threshold",
+    "threshold_source",
+    "threshold_target_precision",
+    "threshold_expected_coverage",
+    "threshold_verified",
+    "threshold_note",
+    "unassigned_fraction",
+    "rare_classes",
+)
+
+
+def annotation_decisions(annotated: ad.AnnData) -> dict[str, Any]:
+    """The decisions annotation took for this query (shift index → regime → alignment → threshold)."""
+    info = annotated.uns[schema.CELLTYPING_UNS]
+    missing = [k for k in DECISION_KEYS if k not in info]
+    if missing:
+        raise KeyError(f"uns[{schema.CELLTYPING_UNS!r}] lacks {missing}: annotated by an older annotate()")
+    out: dict[str, Any] = {}
+    for key in DECISION_KEYS:
+        value = info[key]
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        out[key] = value
+    out["rare_classes"] = [str(k) for k in out["rare_classes"]]
+    return out
 
 
 class PanelMismatchError(ValueError):
@@ -180,11 +310,15 @@ def annotate_sample(
             "panel": {"id": panel.id, "name": panel.name, "n_genes": panel.n_genes, "source": panel.source} if panel else None,
             "sample": {"id": sample_id, "spatial_cells_sha256": spatial.uns.get("content_sha256", "")},
             "run_id": run_id,
+            # what was decided for this query and why (also in uns['celltyping'])
+            "decisions": annotation_decisions(annotated),
             "confidence_threshold": float(info["confidence_threshold"]),
             "threshold_source": info["threshold_source"],
+            "threshold_verified": bool(info["threshold_verified"]),
             "alignment": info["alignment"],
             "regime": info["regime"],
             "shift_index": float(info["shift_index"]),
+            "settings": {"alignment": settings.alignment, "confidence_threshold": settings.confidence_threshold},
             "library_versions": library_versions(),
         }
     )

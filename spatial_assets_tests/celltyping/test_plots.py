@@ -124,6 +124,26 @@ def test_coverage_accuracy(annotated: ad.AnnData, tmp_path: Path) -> None:
     assert not (tmp_path / "none.png").exists()
 
 
+def test_model_coverage_accuracy_from_a_model_card(tmp_path: Path) -> None:
+    """The model-level curve (one per regime) is drawn from the card the training writes."""
+    from spatial_assets.celltyping.calibration import coverage_curve, precision_threshold
+
+    rng = np.random.default_rng(1)
+    regimes = {}
+    for name, a in (("same_platform", 6), ("shifted", 3)):
+        conf = rng.beta(a, 2, 800)
+        correct = rng.random(800) < conf
+        regimes[name] = {"curve": coverage_curve(conf, correct), "threshold": precision_threshold(conf, correct, 0.9),
+                         "threshold_verified": name == "same_platform"}
+    card = {"classes": ["a", "b", "c"], "regimes": regimes, "calibration": {"n_held_out": 800}}
+    _assert_real_png(plots.plot_model_coverage_accuracy(card, tmp_path / "model_cov.png"))
+    with pytest.raises(PlotInputError, match="regimes"):
+        plots.plot_model_coverage_accuracy({"classes": []}, tmp_path / "none.png")
+    with pytest.raises(PlotInputError, match="coverage curve"):
+        plots.plot_model_coverage_accuracy({"regimes": {"same_platform": {"curve": {}}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_write_all_plots(annotated: ad.AnnData, mapping_table: pd.DataFrame, tmp_path: Path) -> None:
     written = write_celltyping_plots(
         annotated, tmp_path / "plots", confidence_threshold=None, mapping_table=mapping_table, markers=MARKERS

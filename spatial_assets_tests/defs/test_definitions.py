@@ -33,6 +33,11 @@ EXPECTED_ASSETS = {
     "spatial_domains": ("samples", "domains", {"anndata", "s3"}),
     "domain_composition": ("samples", "domains", {"parquet", "s3"}),
     "domain_markers": ("samples", "domains", {"parquet", "s3"}),
+    "spatially_variable_genes": ("samples", "domains", {"parquet", "s3"}),
+    "spot_sample": ("spot_samples", "deconvolution", {"anndata", "s3"}),
+    "spot_deconvolution": ("spot_samples", "deconvolution", {"anndata", "s3"}),
+    "spot_domains": ("spot_samples", "deconvolution", {"anndata", "s3"}),
+    "spot_domain_composition": ("spot_samples", "deconvolution", {"parquet", "s3"}),
 }
 # asset: {parent: partition mapping}
 EXPECTED_DEPS = {
@@ -59,6 +64,11 @@ EXPECTED_DEPS = {
     "spatial_domains": {"spatial_cells": "IdentityPartitionMapping", "domain_model": None},
     "domain_composition": {"spatial_domains": "IdentityPartitionMapping", "cell_type_annotations": "IdentityPartitionMapping"},
     "domain_markers": {"spatial_domains": "IdentityPartitionMapping"},
+    "spatially_variable_genes": {"spatial_cells": "IdentityPartitionMapping"},
+    # the same registered references as cell typing: a changed one refreshes every spot sample
+    "spot_deconvolution": {"spot_sample": "IdentityPartitionMapping", "reference_atlas": "AllPartitionMapping"},
+    "spot_domains": {"spot_deconvolution": "IdentityPartitionMapping"},
+    "spot_domain_composition": {"spot_domains": "IdentityPartitionMapping"},
 }
 # (asset, check, blocking, partitions)
 EXPECTED_CHECKS = {
@@ -71,6 +81,7 @@ EXPECTED_CHECKS = {
     ("cell_type_annotations", "confidence_invariants", False, "samples"),
     ("cell_type_annotations", "unassigned_fraction", False, "samples"),
     ("spatial_domains", "domain_invariants", False, "samples"),
+    ("spot_deconvolution", "proportions_valid", True, "spot_samples"),
 }
 # job: (assets, partitions)
 EXPECTED_JOBS = {
@@ -80,7 +91,9 @@ EXPECTED_JOBS = {
     "panel_models_job": ({"gene_panel", "training_set", "label_mapping", "celltype_model"}, "panels"),
     "celltyping_job": ({"cell_type_annotations", "cell_type_summary"}, "samples"),
     "domain_model_job": ({"domain_model"}, None),
-    "domains_job": ({"spatial_domains", "domain_composition", "domain_markers"}, "samples"),
+    "domains_job": ({"spatial_domains", "domain_composition", "domain_markers", "spatially_variable_genes"}, "samples"),
+    "spot_samples_job": ({"spot_sample"}, "spot_samples"),
+    "spot_deconvolution_job": ({"spot_deconvolution", "spot_domains", "spot_domain_composition"}, "spot_samples"),
 }
 # asset: label of its automation condition (None: driven by a sensor)
 EXPECTED_AUTOMATION = {
@@ -103,6 +116,11 @@ EXPECTED_AUTOMATION = {
     "spatial_domains": "eager, once upstream blocking checks passed",
     "domain_composition": "eager: when an upstream partition updates",
     "domain_markers": "eager: when an upstream partition updates",
+    "spatially_variable_genes": "eager, once upstream blocking checks passed",
+    "spot_sample": None,
+    "spot_deconvolution": "eager, once upstream blocking checks passed",
+    "spot_domains": "eager, once upstream blocking checks passed",
+    "spot_domain_composition": "eager: when an upstream partition updates",
 }
 
 
@@ -161,11 +179,12 @@ def test_jobs_snapshot(defs):
 
 def test_sensors_schedule_and_automation(defs):
     sensors = {s.name: s for s in defs.sensors}
-    assert set(sensors) == {"reference_manifest_sensor", "sample_landing_sensor", "spatial_assets_automation"}
-    # all three run without anyone switching them on (Dagster's default automation sensor would not)
+    assert set(sensors) == {"reference_manifest_sensor", "sample_landing_sensor", "spot_landing_sensor", "spatial_assets_automation"}
+    # all of them run without anyone switching them on (Dagster's default automation sensor would not)
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
     assert sensors["reference_manifest_sensor"].job_name == "references_job"
     assert {j.name for j in sensors["sample_landing_sensor"].jobs} == {"samples_job", "raw_samples_job"}
+    assert sensors["spot_landing_sensor"].job_name == "spot_samples_job"
     automation = sensors["spatial_assets_automation"]
     assert isinstance(automation, dg.AutomationConditionSensorDefinition)
     assert automation.sensor_type.value == "AUTOMATION"  # evaluated in the user code server (not AUTO_MATERIALIZE)

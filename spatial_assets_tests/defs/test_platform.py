@@ -60,7 +60,8 @@ class Platform:
         )
         self.bucket = bucket
         self.storage = S3StorageResource(s3_resource=s3, bucket=bucket, cache_dir=str(cache_dir))
-        self.settings = PlatformSettings(confidence_threshold=0.5, n_domains=4)
+        # the deployed default threshold: each model's own (held-out reference cells reach 90 % precision)
+        self.settings = PlatformSettings(n_domains=4)
         self.resources = {
             "s3": s3,
             "storage": self.storage,
@@ -164,7 +165,8 @@ def test_sensors_launch_the_named_jobs_and_automation_does_the_rest(platform):
     for pid in panels:
         assert {("gene_panel", pid), ("training_set", pid), ("label_mapping", pid), ("celltype_model", pid)} <= automated
     for sid in [*SLICES, SUBSET]:
-        for key in ("cell_type_annotations", "cell_type_summary", "spatial_domains", "domain_composition", "domain_markers"):
+        for key in ("cell_type_annotations", "cell_type_summary", "spatial_domains", "domain_composition", "domain_markers",
+                    "spatially_variable_genes"):
             assert (key, sid) in automated, (key, sid)
     assert ("domain_model", None) in automated
     # nothing was computed twice on the way
@@ -237,12 +239,18 @@ def test_metadata_keys_do_not_collide(platform):
     dm = platform.latest_metadata("domain_model")
     card = json.loads(platform.store.read_bytes("assets/domain_model.zip.card.json"))
     assert dm["sha256"] == card["sha256"] == hashlib.sha256(platform.store.read_bytes("assets/domain_model.zip")).hexdigest()
+    # the cell-typing model: the IO manager's sha256 / format beside the asset's decision entries
+    panel = platform.panel_of(SLICES[0])
+    model_meta = platform.latest_metadata("celltype_model", panel)
+    assert model_meta["format"] == "model" and model_meta["sha256"] == platform.card(panel)["sha256"]
+    assert {"confidence_threshold_same_platform", "cv_scores", "coverage_accuracy_curve", "plot_coverage_accuracy"} <= set(model_meta)
 
 
 def test_parquet_assets_carry_column_schema_and_row_count(platform):
     panel = platform.panel_of(SLICES[0])
     for key, partition in [("label_mapping", panel), ("cell_type_summary", SLICES[0]),
-                           ("domain_composition", SLICES[0]), ("domain_markers", SLICES[0])]:
+                           ("domain_composition", SLICES[0]), ("domain_markers", SLICES[0]),
+                           ("spatially_variable_genes", SLICES[0])]:
         meta = platform.latest_metadata(key, partition)
         table = pd.read_parquet(platform.store.get_file(f"assets/{key}/{partition}.parquet"))
         schema = meta["dagster/column_schema"]
@@ -280,7 +288,7 @@ def test_one_panels_model_change_reannotates_only_its_samples(platform):
     before = platform.counts("cell_type_annotations")
     old_sha = platform.card(subset_panel)["sha256"]
     # a really different model of that panel: retrained with another seed (same training set)
-    reseeded = build_definitions({**platform.resources, "settings": PlatformSettings(confidence_threshold=0.5, n_domains=4, seed=1)})
+    reseeded = build_definitions({**platform.resources, "settings": PlatformSettings(n_domains=4, seed=1)})
     reseeded.resolve_job_def("panel_models_job").execute_in_process(
         instance=platform.instance, partition_key=subset_panel, asset_selection=[dg.AssetKey("celltype_model")]
     )
@@ -311,7 +319,8 @@ def test_new_sample_flows_by_itself_on_its_panels_model(platform):
     runs = platform.daemon.run_until_quiet()
     assert {r.partition for r in runs} == {"poa_c"}, runs
     assert {a for r in runs for a in r.assets} >= {"spatial_cells", "sample_panel", "cell_type_annotations",
-                                                   "cell_type_summary", "spatial_domains", "domain_composition"}
+                                                   "cell_type_summary", "spatial_domains", "domain_composition",
+                                                   "spatially_variable_genes"}
     assert platform.counts("celltype_model") == models_before  # its panel's model is reused
     assert platform.counts("domain_model") == domain_model_before  # the shared domain model too
     assert platform.annotations("poa_c").uns["provenance"]["model"]["sha256"] == platform.card(panel)["sha256"]
@@ -368,3 +377,110 @@ def test_failing_normalization_check_blocks_the_sample(platform):
     assert "poa_zscored" not in platform.counts("cell_type_annotations")
     assert not platform.store.exists("assets/cell_type_annotations/poa_zscored.h5ad")
     assert set(platform.instance.get_dynamic_partitions("panels")) == panels_before
+
+
+def _table_rows(value) -> list[dict]:
+    return [dict(r.data) for r in value.records]
+
+
+def test_model_materialization_records_regularisation_thresholds_rare_classes_and_curve(platform):
+    for panel in sorted(platform.instance.get_dynamic_partitions("panels")):
+        meta = platform.latest_metadata("celltype_model", panel)
+        card = platform.card(panel)
+        decisions = card["decisions"]
+        assert meta["decisions"] == json.loads(json.dumps(decisions))  # the card and the UI say the same
+        # regularisation: requested auto, chosen by CV among the values the CV table shows
+        assert meta["reg_per_cell_requested"] == "auto" == decisions["regularization"]["requested"]
+        cv = _table_rows(meta["cv_scores"])
+        assert len(cv) == len(card["cross_validation"]["grid"]) >= 2
+        best = min(cv, key=lambda r: r["held_out_nll_class_balanced"])
+        assert "same_platform" in best["chosen_for"]
+        assert decisions["regularization"]["chosen"]["same_platform"]["cv_reg_per_cell"] == best["reg_per_cell"]
+        assert meta["reg_per_cell_same_platform"] > 0 and meta["reg_per_cell_shifted"] > 0
+        assert "stratified CV" in meta["regularization_why"] and "one-standard-error" in meta["regularization_why"]
+        assert meta["cv_grid"] and float(meta["cv_grid"].split(", ")[0]) >= float(meta["cv_grid"].split(", ")[-1])
+        # threshold per model with its expected coverage and target precision
+        assert meta["target_precision"] == 0.9
+        for regime in ("same_platform", "shifted"):
+            assert 0.0 < meta[f"confidence_threshold_{regime}"] < 1.0
+            assert 0.0 <= meta[f"expected_coverage_{regime}"] <= 1.0
+            assert meta[f"confidence_threshold_{regime}"] == card["regimes"][regime]["threshold"]["threshold"]
+        assert meta["threshold_verified_same_platform"] and not meta["threshold_verified_shifted"]
+        # rare classes flagged (names and count agree with the card's per-class counts)
+        rare = sorted(k for k, n in card["n_cells_per_class"].items() if n < 10)
+        assert meta["n_rare_classes"] == len(rare) and meta["rare_classes"] == (", ".join(rare) or "none")
+        # the coverage-accuracy curve as a table, and as a plot stored beside the model
+        curve = _table_rows(meta["coverage_accuracy_curve"])
+        assert {r["regime"] for r in curve} == {"same_platform", "shifted"}
+        assert all(0 <= r["unassigned_fraction"] <= 1 and 0 <= r["assigned_accuracy"] <= 1 for r in curve)
+        same = sorted((r for r in curve if r["regime"] == "same_platform"), key=lambda r: r["threshold"])
+        assert [r["unassigned_fraction"] for r in same] == sorted(r["unassigned_fraction"] for r in same)
+        assert "data:image/png;base64," in meta["plot_coverage_accuracy"]
+        print(f"model {panel}: reg_per_cell same_platform {meta['reg_per_cell_same_platform']:g} / shifted "
+              f"{meta['reg_per_cell_shifted']:g}; thresholds {meta['confidence_threshold_same_platform']:.3f} "
+              f"(coverage {meta['expected_coverage_same_platform']:.3f}) / {meta['confidence_threshold_shifted']:.3f} "
+              f"(coverage {meta['expected_coverage_shifted']:.3f}); rare: {meta['rare_classes']}")
+        png = platform.store.read_bytes(f"assets/celltype_model/{panel}.plots/coverage_accuracy.png")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_annotation_materialization_records_the_shift_decision(platform):
+    for sid in [*SLICES, SUBSET]:
+        meta = platform.latest_metadata("cell_type_annotations", sid)
+        adata = platform.annotations(sid)
+        info, prov = adata.uns["celltyping"], adata.uns["provenance"]
+        card = platform.card(platform.panel_of(sid))
+        # the index is recorded and the regime / alignment follow it
+        assert np.isfinite(meta["shift_index"]) and meta["shift_index"] == pytest.approx(float(info["shift_index"]))
+        assert meta["platform_shift"] == (meta["shift_index"] > meta["shift_index_threshold"])
+        assert meta["regime"] == ("shifted" if meta["platform_shift"] else "same_platform") == info["regime"]
+        assert meta["alignment_requested"] == "auto"
+        assert meta["alignment"] == ("recenter" if meta["platform_shift"] else "none") == info["alignment"]
+        assert meta["regime_reason"].startswith(f"shift index {meta['shift_index']:.3f}")
+        # the model's threshold for that regime, flagged unverified when a shift was detected
+        expected = card["regimes"][meta["regime"]]["threshold"]
+        assert 0.0 < meta["confidence_threshold"] < 1.0 and meta["confidence_threshold"] == expected["threshold"]
+        assert meta["threshold_expected_coverage"] == expected["expected_coverage"]
+        assert meta["threshold_target_precision"] == 0.9
+        assert meta["threshold_verified"] == (not meta["platform_shift"] and expected["target_reached"])
+        if meta["platform_shift"]:
+            assert "unverified" in meta["threshold_note"]
+        # the same decisions in the AnnData's uns (provenance) as in the UI
+        assert prov["decisions"]["regime"] == meta["regime"] and bool(prov["threshold_verified"]) == meta["threshold_verified"]
+        assert float(prov["shift_index"]) == pytest.approx(meta["shift_index"])
+        unassigned = float((adata.obs["cell_type"] == "Unassigned").mean())
+        assert meta["unassigned_fraction"] == pytest.approx(unassigned)
+        print(f"{sid}: shift index {meta['shift_index']:.3f} -> {meta['regime']}, alignment {meta['alignment']}, "
+              f"threshold {meta['confidence_threshold']:.3f} (expected coverage {meta['threshold_expected_coverage']:.3f}, "
+              f"verified {meta['threshold_verified']}), Unassigned {unassigned:.3f}")
+    # the POA scRNA-seq reference against MERFISH slices: a platform shift (index ~0.4)
+    assert platform.latest_metadata("cell_type_annotations", SLICES[0])["platform_shift"]
+
+
+def test_reg_per_cell_and_alignment_settings_reach_the_assets(platform):
+    """Run last in this module: it retrains one panel's model with other settings, then restores it."""
+    panel = platform.panel_of(SUBSET)
+    other = build_definitions({**platform.resources, "settings": PlatformSettings(n_domains=4, reg_per_cell="0.02", alignment="none")})
+    try:
+        other.resolve_job_def("panel_models_job").execute_in_process(
+            instance=platform.instance, partition_key=panel, asset_selection=[dg.AssetKey("celltype_model")]
+        )
+        meta = platform.latest_metadata("celltype_model", panel)
+        assert meta["reg_per_cell_requested"] == "[0.02]" and platform.card(panel)["platform_settings"]["reg_per_cell"] == "0.02"
+        assert "given by the caller" in meta["regularization_why"]
+        other.resolve_job_def("celltyping_job").execute_in_process(
+            instance=platform.instance, partition_key=SUBSET, asset_selection=[dg.AssetKey("cell_type_annotations")]
+        )
+        ann = platform.latest_metadata("cell_type_annotations", SUBSET)
+        assert ann["alignment_requested"] == "none" and ann["alignment"] == "none"
+        assert ann["reg_per_cell"] == "[0.02]"
+        assert platform.annotations(SUBSET).uns["provenance"]["settings"]["alignment"] == "none"
+    finally:  # back to the deployment's settings, and let the sensors bring the platform to rest
+        # a tick first: the hand-made annotation run must be seen as handled before the model changes again
+        assert all(r.success for r in platform.daemon.run_until_quiet())
+        platform.defs.resolve_job_def("panel_models_job").execute_in_process(
+            instance=platform.instance, partition_key=panel, asset_selection=[dg.AssetKey("celltype_model")]
+        )
+        assert all(r.success for r in platform.daemon.run_until_quiet())
+    assert platform.latest_metadata("celltype_model", panel)["reg_per_cell_requested"] == "auto"
+    assert platform.latest_metadata("cell_type_annotations", SUBSET)["alignment_requested"] == "auto"

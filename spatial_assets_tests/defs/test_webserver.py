@@ -139,15 +139,16 @@ def test_webserver_lists_assets_partitions_and_checks(deployment_env, tmp_path):
               assetMaterializations(limit: 1) { metadataEntries { label } } } } }""")
         labels = {e["label"] for e in ref["data"]["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
         assert {"reference_sha256", "reference_uri", "sha256", "uri"} <= labels
-        # the jobs and the three sensors, running without anyone switching them on
+        # the jobs and the sensors, running without anyone switching them on
         repo = '{repositoryLocationName: "spatial_assets", repositoryName: "__repository__"}'
         sensors = _graphql(port, "{ sensorsOrError(repositorySelector: %s) { ... on Sensors { results { name sensorState { status } } } } }" % repo)
         states = {s["name"]: s["sensorState"]["status"] for s in sensors["data"]["sensorsOrError"]["results"]}
         assert states == {"reference_manifest_sensor": "RUNNING", "sample_landing_sensor": "RUNNING",
-                          "spatial_assets_automation": "RUNNING"}
+                          "spot_landing_sensor": "RUNNING", "spatial_assets_automation": "RUNNING"}
         jobs = _graphql(port, "{ repositoryOrError(repositorySelector: %s) { ... on Repository { jobs { name } } } }" % repo)
         names = {j["name"] for j in jobs["data"]["repositoryOrError"]["jobs"]}
-        assert {"references_job", "samples_job", "panel_models_job", "celltyping_job", "domain_model_job", "domains_job"} <= names
+        assert {"references_job", "samples_job", "panel_models_job", "celltyping_job", "domain_model_job", "domains_job",
+                "spot_samples_job", "spot_deconvolution_job"} <= names
     finally:
         proc.terminate()
         try:

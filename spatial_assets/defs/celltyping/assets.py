@@ -30,7 +30,7 @@ from spatial_assets.defs.automation import (
     on_upstream_change,
 )
 from spatial_assets.defs.history import latest_storage_ids
-from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata
+from spatial_assets.defs.metadata import OWNERS, STORAGE_KIND, table_metadata, table_value
 from spatial_assets.defs.partitions import by_partition, one_partition, panels_partitions, samples_partitions
 from spatial_assets.defs.plots import WithFigures, md_table, render_figures
 from spatial_assets.defs.resources import StorageResource
@@ -38,7 +38,10 @@ from spatial_assets.defs.settings import PlatformSettings
 from spatial_assets.platform.panels import Panel, PanelError
 from spatial_assets.platform.workflow import (
     annotate_sample,
+    annotation_decisions,
     build_training_set,
+    coverage_curve_table,
+    cv_scores_table,
     summarize_annotations,
     train_celltype_model,
 )
@@ -162,24 +165,66 @@ def training_set(
         "before every load. Annotates every sample on this panel, and no other."
     ),
 )
-def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, settings: PlatformSettings) -> TrainedModel:
+def celltype_model(context: dg.AssetExecutionContext, training_set: ad.AnnData, settings: PlatformSettings) -> WithFigures:
     model = train_celltype_model(training_set, settings)
     panel = dict(training_set.uns.get("panel", {}))
-    context.add_output_metadata(
-        {
-            "panel_id": str(panel.get("id", context.partition_key)),
-            "panel_name": str(panel.get("name", "")),
-            "n_classes": len(model.classes),
-            "n_genes": len(model.genes),
-            "classes": ", ".join(model.classes),
-            # what the gene-overlap check of each sample on this panel compares with
-            MODEL_GENES_METADATA: dg.MetadataValue.json(list(model.genes)),
-            "training_set_content_sha256": training_set.uns["content_sha256"],
-            "parameters": dg.MetadataValue.json(model.card.get("parameters", {})),
-            "library_versions": library_versions(),
-        }
-    )
-    return model
+    decisions = model.card["decisions"]
+    curve = coverage_curve_table(model.card)
+    metadata = {
+        "panel_id": str(panel.get("id", context.partition_key)),
+        "panel_name": str(panel.get("name", "")),
+        "n_classes": len(model.classes),
+        "n_genes": len(model.genes),
+        "classes": ", ".join(model.classes),
+        # what the gene-overlap check of each sample on this panel compares with
+        MODEL_GENES_METADATA: dg.MetadataValue.json(list(model.genes)),
+        "training_set_content_sha256": training_set.uns["content_sha256"],
+        "parameters": dg.MetadataValue.json(model.card.get("parameters", {})),
+        **_model_decision_metadata(decisions),
+        "cv_scores": table_value(cv_scores_table(model.card)),
+        "coverage_accuracy_curve": table_value(curve),
+        "decisions": dg.MetadataValue.json(decisions),
+        "library_versions": library_versions(),
+    }
+    context.add_output_metadata(metadata)
+    # the IO manager stores the plot beside the model (<panel>.plots/) with a thumbnail in the metadata
+    return WithFigures(model, render_figures(lambda out_dir: _model_plots(model.card, out_dir), context.log))
+
+
+def _model_decision_metadata(decisions: dict) -> dict:
+    """Flat, typed entries for the UI: regularisation chosen per regime, threshold per regime, rare classes."""
+    reg = decisions["regularization"]
+    out: dict = {
+        "reg_per_cell_requested": str(reg["requested"]),
+        "cv_grid": dg.MetadataValue.text(", ".join(f"{r:g}" for r in reg["cv_grid"])),
+        "cv_criterion": str(reg["cv_criterion"]),
+    }
+    why = []
+    for regime, chosen in reg["chosen"].items():
+        value = chosen["reg_per_cell"]
+        if isinstance(value, (int, float)):
+            out[f"reg_per_cell_{regime}"] = dg.MetadataValue.float(float(value))
+        else:
+            out[f"reg_per_cell_{regime}"] = dg.MetadataValue.text(str(value))
+        why.append(f"- **{regime}**: {chosen['why']}")
+    out["regularization_why"] = dg.MetadataValue.md("\n".join(why))
+    for regime, thr in decisions["thresholds"].items():
+        out[f"confidence_threshold_{regime}"] = dg.MetadataValue.float(thr["threshold"])
+        out[f"expected_coverage_{regime}"] = dg.MetadataValue.float(thr["expected_coverage"])
+        out[f"threshold_verified_{regime}"] = dg.MetadataValue.bool(thr["verified"])
+        out[f"target_reached_{regime}"] = dg.MetadataValue.bool(thr["target_reached"])
+    targets = {thr["target_precision"] for thr in decisions["thresholds"].values()}
+    out["target_precision"] = dg.MetadataValue.float(float(next(iter(targets))) if len(targets) == 1 else float("nan"))
+    out["rare_classes"] = dg.MetadataValue.text(", ".join(decisions["rare_classes"]) or "none")
+    out["n_rare_classes"] = dg.MetadataValue.int(len(decisions["rare_classes"]))
+    out["rare_class_rule"] = dg.MetadataValue.text(decisions["rare_class_rule"])
+    return out
+
+
+def _model_plots(card: dict, out_dir: Path) -> dict:
+    from spatial_assets.celltyping.plots import plot_model_coverage_accuracy
+
+    return {"coverage_accuracy": plot_model_coverage_accuracy(card, out_dir / "coverage_accuracy.png")}
 
 
 @dg.asset(
@@ -216,13 +261,14 @@ def cell_type_annotations(
     annotated = annotate_sample(spatial_cells, model, settings, run_id=context.run.run_id, sample_id=sample_id, panel=panel)
     obs = annotated.obs
     unassigned = float((obs[schema.CELL_TYPE] == schema.UNASSIGNED).mean())
+    decisions = annotation_decisions(annotated)
     metadata = {
         "n_cells": annotated.n_obs,
         "panel_id": panel.id,
         "panel_name": panel.name,
         "mean_confidence": float(obs[schema.CONFIDENCE].mean()),
         "unassigned_fraction": unassigned,
-        "confidence_threshold": float(annotated.uns[schema.CELLTYPING_UNS]["confidence_threshold"]),
+        **_annotation_decision_metadata(decisions),
         "model_sha256": annotated.uns[schema.PROVENANCE_UNS]["model"]["sha256"],
         "provenance": dg.MetadataValue.json(annotated.uns[schema.PROVENANCE_UNS]),
         "cells_per_type": md_table(["cell type", "cells"], obs[schema.CELL_TYPE].value_counts().items()),
@@ -230,6 +276,27 @@ def cell_type_annotations(
     context.add_output_metadata(metadata)
     # the IO manager stores the PNGs beside the annotations (<sample>.plots/) with thumbnails in the metadata
     return WithFigures(annotated, render_figures(lambda out_dir: _celltyping_plots(annotated, out_dir, settings), context.log))
+
+
+def _annotation_decision_metadata(d: dict) -> dict:
+    """Shift index → regime → alignment → threshold, each typed for the UI, and the reasons."""
+    return {
+        "shift_index": dg.MetadataValue.float(float(d["shift_index"])),
+        "shift_index_threshold": dg.MetadataValue.float(float(d["shift_index_threshold"])),
+        "platform_shift": dg.MetadataValue.bool(bool(d["platform_shift"])),
+        "regime": dg.MetadataValue.text(str(d["regime"])),
+        "regime_reason": dg.MetadataValue.text(str(d["regime_reason"])),
+        "alignment_requested": dg.MetadataValue.text(str(d["alignment_requested"])),
+        "alignment": dg.MetadataValue.text(str(d["alignment"])),
+        "reg_per_cell": dg.MetadataValue.text(str(d["reg_per_cell"])),
+        "confidence_threshold": dg.MetadataValue.float(float(d["confidence_threshold"])),
+        "threshold_source": dg.MetadataValue.text(str(d["threshold_source"])),
+        "threshold_target_precision": dg.MetadataValue.float(float(d["threshold_target_precision"])),
+        "threshold_expected_coverage": dg.MetadataValue.float(float(d["threshold_expected_coverage"])),
+        "threshold_verified": dg.MetadataValue.bool(bool(d["threshold_verified"])),
+        "threshold_note": dg.MetadataValue.text(str(d["threshold_note"])),
+        "rare_classes": dg.MetadataValue.text(", ".join(d["rare_classes"]) or "none"),
+    }
 
 
 def _celltyping_plots(annotated: ad.AnnData, out_dir: Path, settings: PlatformSettings) -> dict:

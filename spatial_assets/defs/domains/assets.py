@@ -17,6 +17,7 @@ from spatial_assets.platform.domains import (
     annotate_domains_with_signatures,
     fit_domain_model,
     mark_islands,
+    spatially_variable_genes_table,
 )
 from spatial_assets.core.lineage import library_versions
 
@@ -165,4 +166,47 @@ def domain_markers(context: dg.AssetExecutionContext, spatial_domains: ad.AnnDat
 
     table = domain_marker_genes(spatial_domains, domain_key="domain", n_genes=10)
     context.add_output_metadata({"preview": dg.MetadataValue.md(table.head(40).to_markdown(index=False)), **table_metadata(table)})
+    return table
+
+
+#: genes listed in the materialization metadata (the whole table is the asset)
+SVG_PREVIEW_GENES = 25
+
+
+@dg.asset(
+    partitions_def=samples_partitions,
+    # refreshed whenever the sample's cells change, once their normalization check passed
+    automation_condition=downstream_of_checked(),
+    group_name="domains",
+    owners=OWNERS,
+    code_version="1",
+    kinds={"parquet", STORAGE_KIND},
+    description=(
+        "Per-sample spatially variable genes: Moran's I of every gene over the sample's spatial graph "
+        "(k-NN for cells, lattice for spots), one-sided normal p-value, BH q-value, rank; the highest "
+        "svg_n_top flagged (the genes the domain engine adds on whole-transcriptome data)."
+    ),
+)
+def spatially_variable_genes(
+    context: dg.AssetExecutionContext, spatial_cells: ad.AnnData, settings: PlatformSettings
+) -> pd.DataFrame:
+    table = spatially_variable_genes_table(spatial_cells, n_top=settings.svg_n_top)
+    table.insert(0, "sample_id", context.partition_key)
+    top = table.sort_values("moranI_rank", kind="stable").head(SVG_PREVIEW_GENES)
+    context.add_output_metadata(
+        {
+            "n_genes_tested": dg.MetadataValue.int(len(table)),
+            "n_spatially_variable": dg.MetadataValue.int(int(table["spatially_variable"].sum())),
+            "n_significant_q05": dg.MetadataValue.int(int((table["qval"] < 0.05).sum())),
+            "n_top": dg.MetadataValue.int(int(settings.svg_n_top)),
+            "top_genes": dg.MetadataValue.text(", ".join(top["gene"].head(10))),
+            "top_genes_table": md_table(
+                ["rank", "gene", "Moran's I", "q-value"],
+                ((int(r.moranI_rank), r.gene, f"{r.moranI:.3f}", f"{r.qval:.2g}") for r in top.itertuples()),
+            ),
+            "spatial_cells_content_sha256": str(spatial_cells.uns.get("content_sha256", "")),
+            "library_versions": library_versions(),
+            **table_metadata(table),
+        }
+    )
     return table

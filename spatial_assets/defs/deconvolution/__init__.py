@@ -1,0 +1,1 @@
+"""Spot-level samples (Visium spots, Visium HD bins): landing, deconvolution, domains."""
