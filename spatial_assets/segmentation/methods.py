@@ -228,7 +228,8 @@ def run_watershed(
 
 # ------------------------------------------------------------------------------------------ comseg
 
-def run_comseg(sample: RawSample, prior: Segmentation, *, patch_um: float = 200.0, config: dict | None = None) -> Segmentation:
+def run_comseg(sample: RawSample, prior: Segmentation, *, patch_um: float = 200.0, config: dict | None = None,
+               seed: int = 0) -> Segmentation:
     """ComSeg via sopa on transcript patches, seeded by the prior's nuclei (falls back to its cells)."""
     import geopandas as gpd
 
@@ -246,12 +247,20 @@ def run_comseg(sample: RawSample, prior: Segmentation, *, patch_um: float = 200.
         config = {"dict_scale": {"x": 1, "y": 1, "z": 1}, "mean_cell_diameter": diameter,
                   "max_cell_radius": 1.75 * diameter, "norm_vector": False, "alpha": 0.5,
                   "allow_disconnected_polygon": True, "min_rna_per_cell": 20, "gene_column": "gene"}
+    from spatial_assets.segmentation.coexpression import fast_coexpression
+
+    state = np.random.get_state()
     try:  # sopa keeps its transcript patches in a per-object cache directory; removed afterwards
         sopa.make_transcript_patches(sdata, patch_width=patch_um, patch_overlap=20, prior_shapes_key="prior",
                                      write_cells_centroids=True, min_points_per_patch=50, roi_key=None)
-        sopa.segmentation.comseg(sdata, config=config or None, min_area=0)
+        # ComSeg samples its co-expression vectors with numpy's global generator: seeded for a
+        # deterministic result, the caller's state restored afterwards
+        np.random.seed(seed)
+        with fast_coexpression():
+            sopa.segmentation.comseg(sdata, config=config or None, min_area=0)
         cells = sdata.shapes["comseg_boundaries"]
     finally:
+        np.random.set_state(state)
         sopa.utils.delete_cache(sdata)
     out = gpd.GeoDataFrame(geometry=list(cells.geometry))
     return Segmentation(out, prior.nuclei, {"comseg_config": config,
