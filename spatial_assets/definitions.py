@@ -25,10 +25,12 @@ from spatial_assets.defs.references import sensors as reference_sensors
 from spatial_assets.defs.samples import assets as sample_assets
 from spatial_assets.defs.samples import checks as sample_checks
 from spatial_assets.defs.samples import sensors as sample_sensors
+from spatial_assets.defs.segmentation import assets as segmentation_assets
+from spatial_assets.defs.segmentation import checks as segmentation_checks
 from spatial_assets.defs.settings import settings_from_env
 
-_asset_modules = [reference_assets, sample_assets, celltyping_assets, domain_assets, deconvolution_assets]
-_check_modules = [sample_checks, celltyping_checks, domain_checks, deconvolution_checks]
+_asset_modules = [reference_assets, segmentation_assets, sample_assets, celltyping_assets, domain_assets, deconvolution_assets]
+_check_modules = [segmentation_checks, sample_checks, celltyping_checks, domain_checks, deconvolution_checks]
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:

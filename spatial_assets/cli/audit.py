@@ -54,6 +54,9 @@ def run_audit(
             domain_markers=asset_key("domain_markers", sample_id, ".parquet"),
         ),
         landing_fingerprint=landing_fingerprint,
+        # a sample segmented from a raw folder: its files and segmentation (ignored for h5ad samples)
+        raw_record_key=asset_key("raw_sample", "{id}", ".json"),
+        segmented_key=asset_key("segmented_cells", "{id}", ".h5ad"),
     )
     print(report.format())
     return EXIT_STALE if report.stale else 0
@@ -61,14 +64,14 @@ def run_audit(
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     progress = Progress()
-    progress(f"auditing sample {args.sample}" + ("" if args.no_file_check else " (re-hashing reference files)"))
+    progress(f"auditing sample {args.sample}" + ("" if args.no_file_check else " (re-hashing reference and raw files)"))
     code = run_audit(args.sample, check_files=not args.no_file_check)
     progress("done: " + ("stale" if code == EXIT_STALE else "up to date") + "; files written: none")
     return code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    summary = "print a sample's lineage (references, model, landed file, cells, calls, domains, summaries) and what is stale"
+    summary = "print a sample's lineage (raw files → cells, references → model → calls, domains, summaries) and what is stale"
     p = subparsers.add_parser(
         "audit",
         help=summary,
@@ -78,6 +81,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "Storage from the environment (SPATIAL_ASSETS_DEPLOYMENT, SPATIAL_ASSETS_BUCKET, AWS_*).",
     )
     p.add_argument("--sample", required=True, metavar="ID", help="sample id (the samples partition key)")
-    p.add_argument("--no-file-check", action="store_true", help="do not re-hash the reference files at their URIs")
+    p.add_argument("--no-file-check", action="store_true", help="do not re-hash the reference and raw files at their URIs")
     p.set_defaults(func=_cmd_audit)
     return p

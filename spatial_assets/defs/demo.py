@@ -3,18 +3,23 @@
 1. starts the local SeaweedFS S3 (credentials generated on first start, anonymous refused) unless
    it is already running — and stops it again at the end if it started it,
 2. uploads the POA scRNA-seq reference and writes the references manifest,
-3. lands the two POA MERFISH slices (Moffitt 2018, Bregma 0.21 / 0.26) as two samples,
+3. lands the two POA MERFISH slices (Moffitt 2018, Bregma 0.21 / 0.26) as two samples, and the real
+   MERSCOPE mouse-brain crop (``data/raw/merscope_mouse_brain_mini``) as a raw instrument folder,
 4. registers the partitions with the same sensors the daemon runs, then launches the named jobs
-   (references_job, samples_job, panel_models_job per gene panel, celltyping_job, domain_model_job,
-   domains_job) into the persistent Dagster instance ($DAGSTER_HOME),
-5. prints per-sample summaries, accuracy against the authors' cell classes, domain counts,
-   the audit chain, and how to open the UI (``make ui``).
+   (references_job, raw_samples_job for the MERSCOPE folder — read, fingerprint, segment with the
+   vendor's cells, QC —, samples_job, panel_models_job per gene panel — the MERSCOPE crop has its
+   own panel, so its own model —, celltyping_job, domain_model_job, domains_job) into the
+   persistent Dagster instance ($DAGSTER_HOME),
+5. prints per-sample summaries, accuracy against the authors' cell classes (MERFISH), segmentation
+   and QC figures (MERSCOPE), domain counts, the audit chains (MERFISH slice; MERSCOPE: raw files →
+   segmentation → cells → annotations), and how to open the UI (``make ui``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -30,6 +35,8 @@ DATA = REPO / "data"
 REFERENCE_FILE = "mouse_POA_scRNA_ref_Moffitt2018.h5ad"
 MERFISH_FILE = "mouse_POA_MERFISH_Moffitt2018.h5ad"
 REFERENCE_ID = "poa_moffitt2018"
+RAW_FOLDER = DATA / "raw" / "merscope_mouse_brain_mini"
+RAW_SAMPLE_ID = "merscope_mouse_brain_mini"
 UI_PORT = 3000
 
 
@@ -74,6 +81,14 @@ def stage_demo_data(store, manifest_key: str, landing_prefix: str, s3_settings=N
     return sample_ids
 
 
+def stage_raw_demo_data(store, landing_prefix: str) -> list[str]:
+    """Land the real MERSCOPE crop as an instrument output folder (as `sample land --id ID DIR` does)."""
+    from spatial_assets.platform.registry import land_sample
+
+    land_sample(store, RAW_SAMPLE_ID, str(RAW_FOLDER), landing_prefix=landing_prefix, replace=True)
+    return [RAW_SAMPLE_ID]
+
+
 def register_with_sensors(defs, instance) -> None:
     """Tick both sensors once, as the daemon would, and apply their partition requests."""
     import dagster as dg
@@ -96,8 +111,13 @@ def panels_of(instance, sample_ids: list[str]) -> dict[str, str]:
     return latest_metadata_by_partition(instance, dg.AssetKey("sample_panel"), "panel_id", sample_ids)
 
 
-def materialize_all(defs, instance, sample_ids: list[str], reference_ids: list[str], with_domains: bool = True) -> None:
-    """Launch the named jobs in dependency order (the same runs the sensors and automation make)."""
+def materialize_all(
+    defs, instance, sample_ids: list[str], reference_ids: list[str], with_domains: bool = True, raw_sample_ids: list[str] = ()
+) -> None:
+    """Launch the named jobs in dependency order (the same runs the sensors and automation make).
+
+    ``raw_sample_ids`` (also in ``sample_ids``): samples landed as instrument folders, segmented and
+    QC'd by ``raw_samples_job`` before ``samples_job`` reads their QC'd cells."""
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # the full event log is in the UI
 
     def run(job_name: str, partition: str | None = None) -> None:
@@ -113,6 +133,8 @@ def materialize_all(defs, instance, sample_ids: list[str], reference_ids: list[s
 
     for rid in reference_ids:
         run("references_job", rid)
+    for sid in raw_sample_ids:
+        run("raw_samples_job", sid)
     for sid in sample_ids:
         run("samples_job", sid)
     panels = panels_of(instance, sample_ids)
@@ -136,7 +158,7 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
     for sid in sample_ids:
         summary = pd.read_parquet(store.get_file(asset_key("cell_type_summary", sid, ".parquet")))
         annotated = ad.read_h5ad(store.get_file(asset_key("cell_type_annotations", sid, ".h5ad")))
-        scores = score_against_labels(
+        scores = None if "Cell_class_major" not in annotated.obs else score_against_labels(
             annotated.obs["cell_type_predicted"],
             annotated.obs["Cell_class_major"],
             POA_LABEL_MAP,
@@ -145,11 +167,24 @@ def report(store, sample_ids: list[str], with_domains: bool) -> None:
         )
         print(f"\n=== sample {sid}: {annotated.n_obs} cells")
         print(summary[["cell_type", "n_cells", "fraction", "mean_confidence"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(
-            f"accuracy vs authors' Cell_class_major ({scores['n_scored']} scored cells, Ambiguous excluded): "
-            f"accuracy {scores['accuracy']:.3f}  balanced accuracy {scores['balanced_accuracy']:.3f}  "
-            f"confidence AUROC {scores['confidence_auroc']:.3f}"
-        )
+        if scores is not None:
+            print(
+                f"accuracy vs authors' Cell_class_major ({scores['n_scored']} scored cells, Ambiguous excluded): "
+                f"accuracy {scores['accuracy']:.3f}  balanced accuracy {scores['balanced_accuracy']:.3f}  "
+                f"confidence AUROC {scores['confidence_auroc']:.3f}"
+            )
+        prov = annotated.uns.get("provenance", {})
+        if prov.get("raw"):
+            seg, qc = prov.get("segmentation", {}), prov.get("cell_qc", {})
+            panel = (prov.get("panel") or {}).get("id")
+            card = json.loads(store.read_bytes(asset_key("celltype_model", panel, ".pkl.card.json")))
+            print(
+                f"raw {prov['raw'].get('platform')} folder, {len(prov['raw'].get('files', {}).get('path', []))} files → "
+                f"segmentation {seg.get('method')}: {float(seg.get('assigned_fraction', float('nan'))):.1%} of "
+                f"{seg.get('n_transcripts_total')} transcripts in cells → QC {qc.get('n_cells_in')} → {qc.get('n_cells_out')} cells "
+                f"(control fraction {float(qc.get('control_fraction', float('nan'))):.2%}); model of panel "
+                f"{panel} ({len(card.get('genes', []))} of its genes shared with the reference)"
+            )
         if with_domains:
             dom = ad.read_h5ad(store.get_file(asset_key("spatial_domains", sid, ".h5ad")))
             counts = dom.obs["domain"].value_counts().sort_index()
@@ -259,12 +294,14 @@ def run_demo(resources: dict, store, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     settings = resources["settings"]
     sample_ids = stage_demo_data(store, settings.manifest_key, settings.landing_prefix, resources["storage"].s3_settings())
-    print(f"staged reference {REFERENCE_ID!r} and samples {sample_ids}", flush=True)
+    raw_ids = stage_raw_demo_data(store, settings.landing_prefix)
+    print(f"staged reference {REFERENCE_ID!r}, samples {sample_ids} and raw instrument folder(s) {raw_ids}", flush=True)
+    sample_ids = sample_ids + raw_ids
     defs = build_definitions(resources)
     with dg.DagsterInstance.get() as instance:
         register_with_sensors(defs, instance)
         print(f"partitions: references={instance.get_dynamic_partitions('references')} samples={instance.get_dynamic_partitions('samples')}")
-        materialize_all(defs, instance, sample_ids, [REFERENCE_ID], with_domains=not args.no_domains)
+        materialize_all(defs, instance, sample_ids, [REFERENCE_ID], with_domains=not args.no_domains, raw_sample_ids=raw_ids)
         panels = panels_of(instance, sample_ids)
         print("gene panels: " + ", ".join(f"{sid} → {pid}" for sid, pid in sorted(panels.items())))
     report(store, sample_ids, with_domains=not args.no_domains)
@@ -272,6 +309,9 @@ def run_demo(resources: dict, store, args: argparse.Namespace) -> int:
     from spatial_assets.cli.audit import run_audit
 
     run_audit(sample_ids[0], store=store, s3_settings=resources["storage"].s3_settings())
+    for sid in raw_ids:
+        print(f"\naudit of {sid} (raw files → segmentation → cells → annotations):")
+        run_audit(sid, store=store, s3_settings=resources["storage"].s3_settings())
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s.")
     print(f"Open the UI with `make ui`, then http://127.0.0.1:{args.port} (same instance: DAGSTER_HOME={os.environ['DAGSTER_HOME']}).")
     return 0

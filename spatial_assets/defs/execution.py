@@ -1,6 +1,7 @@
 """Where and how big each step runs: the one place per-asset resources and the executor are chosen.
 
-Heavy assets (training, the model, annotations, the domain model and domains) each run as their
+Heavy assets (raw-folder reading, segmentation and QC, training, the model, annotations, the domain
+model and domains) each run as their
 own pod / task when the deployment says so (``SPATIAL_ASSETS_EXECUTOR``), sized here per asset:
 
 * Kubernetes (``k8s``, :func:`dagster_k8s.k8s_job_executor`): the ``dagster-k8s/config`` op tag sets
@@ -22,6 +23,11 @@ from typing import Any, Optional
 
 #: asset name → (CPU cores, memory in MiB) of its step
 HEAVY_STEPS: dict[str, tuple[int, int]] = {
+    # raw samples: reading a folder holds its transcript table in memory; segmentation adds one
+    # image patch (400 µm) at a time and the transcript-to-cell join
+    "raw_sample": (1, 4096),
+    "segmented_cells": (2, 8192),
+    "cell_qc": (1, 4096),
     "training_set": (2, 8192),
     "celltype_model": (2, 8192),
     "cell_type_annotations": (2, 6144),

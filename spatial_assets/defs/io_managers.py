@@ -25,6 +25,8 @@ h5ad           ``anndata.AnnData``            ``.h5ad``: written to a local temp
                                               ETag cache: a second read is local)
 parquet        ``pandas.DataFrame``           ``.parquet``, streamed both ways (parts upload while it
                                               is written; read as they download)
+geoparquet     ``geopandas.GeoDataFrame``     ``.parquet`` with GeoParquet metadata (geopandas'
+                                              ``to_parquet`` / ``read_parquet``), streamed both ways
 json           ``dict`` / ``list``            ``.json`` (sorted keys: same value → same bytes → same sha256)
 model          ``training.TrainedModel``      ``.pkl`` + ``.pkl.card.json``; before unpickling, the card
                                               and the bytes must match the sha256 recorded in the
@@ -71,7 +73,9 @@ from spatial_assets.storage.janitor import DEFAULT_OLDER_THAN_S
 from spatial_assets.storage.objectstore import TRANSFER_CONCURRENCY, TRANSFER_PART_SIZE
 from spatial_assets.storage.stores import LocalStore, ObjectNotFoundError, ObjectStore, S3Store
 
-FORMATS: dict[str, str] = {"h5ad": ".h5ad", "parquet": ".parquet", "json": ".json", "model": ".pkl", "domain_model": ".zip"}
+FORMATS: dict[str, str] = {
+    "h5ad": ".h5ad", "parquet": ".parquet", "geoparquet": ".parquet", "json": ".json", "model": ".pkl", "domain_model": ".zip",
+}
 CARD_SUFFIX = ".card.json"
 PLOTS_SUFFIX = ".plots"
 
@@ -131,6 +135,11 @@ def _is_domain_model_class(tp: Any) -> bool:
     return tp is DomainModel or all(callable(getattr(tp, m, None)) for m in ("assign", "save", "load", "metadata"))
 
 
+def _is_geo_type(tp: type) -> bool:
+    """A GeoDataFrame class (checked by module, so geopandas is imported only where it is used)."""
+    return any(c.__module__.split(".")[0] == "geopandas" for c in tp.__mro__)
+
+
 def format_for_value(obj: Any) -> Optional[str]:
     import anndata as ad
     import pandas as pd
@@ -141,7 +150,7 @@ def format_for_value(obj: Any) -> Optional[str]:
     if isinstance(obj, ad.AnnData):
         return "h5ad"
     if isinstance(obj, pd.DataFrame):
-        return "parquet"
+        return "geoparquet" if _is_geo_type(type(obj)) else "parquet"
     if isinstance(obj, TrainedModel):
         return "model"
     if isinstance(obj, (dict, list)):
@@ -169,7 +178,7 @@ def format_for_type(tp: Any, *, partitions: bool) -> Optional[str]:
         if issubclass(tp, ad.AnnData):
             return "h5ad"
         if issubclass(tp, pd.DataFrame):
-            return "parquet"
+            return "geoparquet" if _is_geo_type(tp) else "parquet"
         if issubclass(tp, TrainedModel):
             return "model"
         if issubclass(tp, (dict, list)):
@@ -228,7 +237,7 @@ class AssetIOManager(dg.UPathIOManager):
         if fmt is None:
             raise UnsupportedValueError(
                 f"{_describe(context)}: no storage format for {type(value).__module__}.{type(value).__name__} "
-                f"(supported: AnnData, DataFrame, TrainedModel, DomainModel, dict/list)"
+                f"(supported: AnnData, DataFrame, GeoDataFrame, TrainedModel, DomainModel, dict/list)"
             )
         wanted = (context.definition_metadata or {}).get("format")
         if wanted is not None and _check_format(wanted, f"metadata of {_describe(context)}") != fmt:
@@ -250,7 +259,7 @@ class AssetIOManager(dg.UPathIOManager):
         if fmt is None:
             raise UnsupportedValueError(
                 f"cannot tell the storage format of {_describe(context)}: annotate the asset's return type or the "
-                f"input's type (AnnData, DataFrame, TrainedModel, DomainModel, dict), or set metadata {{'format': ...}} "
+                f"input's type (AnnData, DataFrame, GeoDataFrame, TrainedModel, DomainModel, dict), or set metadata {{'format': ...}} "
                 f"(one of {sorted(FORMATS)})"
             )
         return fmt
@@ -277,8 +286,8 @@ class AssetIOManager(dg.UPathIOManager):
         value, figures = (obj.value, obj.figures) if isinstance(obj, WithFigures) else (obj, {})
         fmt = self._output_format(context, value)
         key = self.key(path) + FORMATS[fmt]
-        writer = {"h5ad": self._write_h5ad, "parquet": self._write_parquet, "json": self._write_json,
-                  "model": self._write_model, "domain_model": self._write_domain_model}[fmt]
+        writer = {"h5ad": self._write_h5ad, "parquet": self._write_parquet, "geoparquet": self._write_geoparquet,
+                  "json": self._write_json, "model": self._write_model, "domain_model": self._write_domain_model}[fmt]
         meta: dict[str, Any] = {"format": fmt, **writer(key, value, context)}
         meta["path"] = meta["uri"] = dg.MetadataValue.path(self.store.uri(key))
         if figures:
@@ -301,16 +310,21 @@ class AssetIOManager(dg.UPathIOManager):
         info = self.store.write_file(key, write)
         return {"sha256": info.sha256, "size_bytes": info.size, "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}
 
-    def _write_parquet(self, key: str, df: Any, context: dg.OutputContext) -> dict[str, Any]:
+    def _write_parquet(self, key: str, df: Any, context: dg.OutputContext, fmt: str = "parquet") -> dict[str, Any]:
         with self.store.open_write(key) as out:
             try:
-                df.to_parquet(out)
+                df.to_parquet(out)  # a GeoDataFrame's own to_parquet writes the GeoParquet "geo" metadata
             except Exception as exc:
                 if out.error is not None:  # the upload failed, not the serialiser
                     raise
-                raise self._fail(context, "parquet", key, exc) from exc
+                raise self._fail(context, fmt, key, exc) from exc
         assert out.result is not None
         return {"sha256": out.result.sha256, "size_bytes": out.result.size, "n_rows": int(df.shape[0]), "n_cols": int(df.shape[1])}
+
+    def _write_geoparquet(self, key: str, gdf: Any, context: dg.OutputContext) -> dict[str, Any]:
+        meta = self._write_parquet(key, gdf, context, fmt="geoparquet")
+        crs = getattr(gdf, "crs", None)
+        return {**meta, "geometry_column": str(gdf.geometry.name), "crs": str(crs) if crs is not None else "none (µm)"}
 
     def _write_json(self, key: str, value: Any, context: dg.OutputContext) -> dict[str, Any]:
         try:
@@ -397,6 +411,10 @@ class AssetIOManager(dg.UPathIOManager):
             import anndata as ad
 
             return self._read_streaming(key, ad.read_h5ad)
+        if fmt == "geoparquet":
+            import geopandas as gpd
+
+            return self._read_streaming(key, gpd.read_parquet)
         import pandas as pd
 
         return self._read_streaming(key, pd.read_parquet)

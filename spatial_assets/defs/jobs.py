@@ -1,6 +1,7 @@
 """Named asset jobs, one per area and partition space, so every run says what it was for.
 
-The sensors launch ``references_job`` and ``samples_job``; the demo launches all of them in order;
+The sensors launch ``references_job``, ``samples_job`` (a landed h5ad) and ``raw_samples_job`` (a
+landed instrument folder); the demo launches all of them in order;
 the UI lists them under Jobs, where any run can be re-executed. (The automation sensor's runs
 target the same assets through Dagster's implicit asset job; they are tagged
 ``spatial_assets/trigger=automation``.) A job covers one partitions definition, so cell typing
@@ -21,6 +22,15 @@ samples_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("spatial_cells", "sample_panel"),
     description="Read one landed sample, check it, record its gene panel (partition = sample id).",
     tags={"spatial_assets/area": "samples"},
+)
+raw_samples_job = dg.define_asset_job(
+    "raw_samples_job",
+    selection=dg.AssetSelection.assets("raw_sample", "segmented_cells", "cell_boundaries", "transcript_assignments", "cell_qc"),
+    description=(
+        "Read and fingerprint one landed instrument folder, segment it into cells (outlines and transcript "
+        "assignments beside them) and QC the cells (partition = sample id); spatial_cells follows by automation."
+    ),
+    tags={"spatial_assets/area": "segmentation"},
 )
 panel_models_job = dg.define_asset_job(
     "panel_models_job",
@@ -66,6 +76,7 @@ spot_deconvolution_job = dg.define_asset_job(
 ALL_JOBS = [
     references_job,
     samples_job,
+    raw_samples_job,
     panel_models_job,
     celltyping_job,
     domain_model_job,

@@ -7,6 +7,9 @@ import dagster as dg
 from spatial_assets.platform.manifest import MANIFEST_KEY
 from spatial_assets.platform.registry import LANDING_PREFIX
 from spatial_assets.platform.spots import SPOT_LANDING_PREFIX
+from spatial_assets.segmentation.qc import QCFilters, QCLimits
+
+_QC, _LIMITS = QCFilters(), QCLimits()  # the QC defaults live in the segmentation package, once
 
 
 class PlatformSettings(dg.ConfigurableResource):
@@ -46,6 +49,22 @@ class PlatformSettings(dg.ConfigurableResource):
     spot_landing_prefix: str = SPOT_LANDING_PREFIX
     spot_bin_size_um: int = 8  # the bin size read from a landed SpaceRanger Visium HD folder (2, 8 or 16)
     deconvolution_method: str = "platform_nb"  # platform_nb | rctd | flashdeconv | nnls (deconvolution.METHODS)
+    # raw samples (instrument folders): segmentation
+    segmentation_method: str = ""  # empty: 'vendor' where the folder has the instrument's cells, else 'watershed'
+    segmentation_expand_um: Optional[float] = None  # max expansion beyond the nucleus, µm (None: the method's default)
+    segmentation_z: str = "all"  # image z plane segmented, or 'all' (maximum projection)
+    segmentation_weights_dir: str = ""  # local weights for stardist / cellpose (never downloaded)
+    # raw samples: cell QC filters applied before annotation, and the limits the QC check warns above
+    qc_min_counts: int = _QC.min_counts
+    qc_min_genes: int = _QC.min_genes
+    qc_max_control_fraction: float = _QC.max_control_fraction
+    qc_min_area_um2: Optional[float] = _QC.min_area_um2
+    qc_max_area_um2: Optional[float] = _QC.max_area_um2
+    qc_max_mt_fraction: Optional[float] = _QC.max_mt_fraction
+    qc_island_min_size: int = _QC.island_min_size
+    qc_exclude_islands: bool = _QC.exclude_islands
+    qc_warn_control_fraction: float = _LIMITS.max_control_fraction
+    qc_warn_assigned_fraction: float = _LIMITS.min_assigned_fraction
 
 
 def settings_from_env() -> PlatformSettings:
@@ -65,6 +84,8 @@ def settings_from_env() -> PlatformSettings:
         overrides["n_domains"] = int(os.environ["SPATIAL_ASSETS_N_DOMAINS"])
     if os.environ.get("SPATIAL_ASSETS_DOMAIN_ENGINE"):
         overrides["domain_engine"] = os.environ["SPATIAL_ASSETS_DOMAIN_ENGINE"]
+    if os.environ.get("SPATIAL_ASSETS_SEGMENTATION_METHOD"):
+        overrides["segmentation_method"] = os.environ["SPATIAL_ASSETS_SEGMENTATION_METHOD"]
     if os.environ.get("SPATIAL_ASSETS_NOVAE_MODEL_DIR"):
         overrides["domain_model_dir"] = os.environ["SPATIAL_ASSETS_NOVAE_MODEL_DIR"]
     check_celltyping_settings(overrides.get("reg_per_cell", "auto"), overrides.get("alignment", "auto"), source="environment")

@@ -4,6 +4,12 @@ Every annotations object carries ``uns['provenance']``: which reference files (b
 training set (by content hash), which model (by sha256) was trained on it, and which run applied
 it. ``audit_sample`` re-reads that chain from storage and compares each link with what storage
 holds now, so a user can tell whether a call is still what the current references would produce.
+
+A sample segmented from a raw instrument folder also carries the chain before its cells: every raw
+file (sha256), the segmentation (platform, method, parameters, versions, content hash of the
+segmented cells) and the QC; each raw file is compared with the ``raw_sample`` record (what the
+platform registered) and, when a ``fingerprint`` function is given, with the bytes in the landing
+area now, so a raw file re-landed with other bytes shows STALE before anything is re-run.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class AuditReport:
     def format(self) -> str:
         p = self.provenance
         lines = [f"sample {self.sample_id}"]
+        lines += _raw_lines(p)
         for rid, ref in sorted((p.get("references") or {}).items()):
             lines.append(f"  reference {rid}: {ref.get('uri')}  sha256={ref.get('sha256')}")
         ts = p.get("training_set") or {}
@@ -67,6 +74,76 @@ class AuditReport:
         return "\n".join(lines)
 
 
+def _raw_lines(p: dict[str, Any]) -> list[str]:
+    from spatial_assets.platform.raw_samples import lineage_files
+
+    raw = p.get("raw") or {}
+    if not raw:
+        return []
+    files = lineage_files(raw)
+    lines = [f"  raw folder {raw.get('landing_uri')} ({raw.get('platform')}, {len(files)} files)"]
+    lines += [f"    {f['path']}  sha256={f.get('sha256')}  size={f.get('size')}" for f in files]
+    seg = p.get("segmentation") or {}
+    versions = seg.get("versions") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if k in ("sopa", "spatialdata", "scikit-image", "geopandas"))
+    params = seg.get("parameters") or {}
+    short = ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, (dict, list)))[:200]
+    lines.append(f"  -> segmentation  method={seg.get('method')} platform={seg.get('platform')} cells_sha256={seg.get('cells_sha256')}")
+    lines.append(f"                   parameters: {short or '-'}")
+    lines.append(f"                   versions: {shown or '-'}")
+    qc = p.get("cell_qc") or {}
+    if qc:
+        lines.append(f"  -> cell QC       cells {qc.get('n_cells_in')} → {qc.get('n_cells_out')} (filters: "
+                     + ", ".join(f"{k}={v}" for k, v in sorted((qc.get("filters") or {}).items())) + ")")
+    return lines
+
+
+def _raw_links(store: Store, sample_id: str, prov: dict[str, Any], raw_record_key: str | None,
+               segmented_key: str | None, fingerprint: Any) -> list[AuditLink]:
+    """Each raw file against the registered raw_sample record and (``fingerprint``) the landing area;
+    the segmentation against the stored segmented cells."""
+    from spatial_assets.platform.raw_samples import lineage_files
+
+    raw = prov.get("raw") or {}
+    if not raw:
+        return []
+    links: list[AuditLink] = []
+    record: dict[str, Any] = {}
+    if raw_record_key is not None:
+        key = raw_record_key.format(id=sample_id)
+        record = json.loads(store.read_bytes(key)) if store.exists(key) else {}
+    registered = record.get("files") or {}
+    recorded = lineage_files(raw)
+    for f in recorded:
+        if raw_record_key is not None:
+            links.append(AuditLink(f"raw file {f['path']} (registered)", f.get("sha256"), (registered.get(f["path"]) or {}).get("sha256")))
+        if fingerprint is not None and f.get("uri"):
+            try:
+                now, detail = fingerprint(f["uri"]), ""
+            except Exception as exc:  # a deleted or unreachable raw file is itself a finding
+                now, detail = None, f"({type(exc).__name__}: {exc})"
+            links.append(AuditLink(f"raw file {f['path']} (file at {f['uri']})", f.get("sha256"), now, detail))
+    for rel in sorted(set(registered) - {f["path"] for f in recorded}):
+        links.append(AuditLink(f"raw file {rel} (registered since)", None, registered[rel].get("sha256")))
+    if segmented_key is not None:
+        seg = prov.get("segmentation") or {}
+        current = _stored_cells_sha256(store, segmented_key.format(id=sample_id))
+        links.append(AuditLink("segmentation (segmented_cells)", seg.get("cells_sha256"), current))
+    return links
+
+
+def _stored_cells_sha256(store: Store, key: str) -> str | None:
+    """``uns['segmentation']['cells_sha256']`` of a stored h5ad, without loading its matrix."""
+    if not store.exists(key):
+        return None
+    import anndata as ad
+    import h5py
+
+    with h5py.File(store.get_file(key), "r") as f:
+        node = f.get("uns/segmentation/cells_sha256")
+        return None if node is None else str(ad.io.read_elem(node))
+
+
 def audit_sample(
     store: Store,
     sample_id: str,
@@ -77,16 +154,20 @@ def audit_sample(
     fingerprint: Any = None,
     sample_keys: SampleKeys | None = None,
     landing_fingerprint: Any = None,
+    raw_record_key: str | None = None,
+    segmented_key: str | None = None,
 ) -> AuditReport:
     """Compare a sample's recorded chain with the current objects in ``store``.
 
     ``model_card_key`` may contain ``{panel}``: the panel recorded in the provenance (each panel
     has its own model, so the current model to compare with is that panel's).
     ``reference_record_key`` is a format string with ``{id}``; ``fingerprint(uri)`` (optional)
-    returns the current sha256 of a reference file so an edit made outside the platform shows up.
-    ``sample_keys`` (optional) adds the sample's own links (:func:`sample_links`): landed file →
+    returns the current sha256 of a reference (or raw) file so an edit made outside the platform
+    shows up. ``sample_keys`` (optional) adds the sample's own links (:func:`sample_links`): landed file →
     spatial_cells → annotations / domains → summaries; ``landing_fingerprint(sample_id)`` returns
-    the fingerprint of what is landed now (None when nothing is).
+    the fingerprint of what is landed now (None when nothing is). ``raw_record_key`` / ``segmented_key``
+    (format strings with ``{id}``, the sample id): where the ``raw_sample`` record and the segmented
+    cells are stored, for a sample that came from a raw folder (ignored otherwise).
     """
     if not store.exists(annotations_key):
         raise FileNotFoundError(f"no annotations stored for sample {sample_id!r} (looked for {annotations_key})")
@@ -115,6 +196,7 @@ def audit_sample(
             else:
                 detail = ""
             report.links.append(AuditLink(f"reference {rid} (file at {ref['uri']})", ref.get("sha256"), now, detail))
+    report.links.extend(_raw_links(store, sample_id, prov, raw_record_key, segmented_key, fingerprint))
     if sample_keys is not None:
         report.links.extend(sample_links(store, sample_id, prov, sample_keys, landing_fingerprint=landing_fingerprint))
     return report

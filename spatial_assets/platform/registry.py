@@ -7,11 +7,13 @@ tick stays fast however large the files are.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
@@ -146,11 +148,28 @@ def describe_reference(
     return record
 
 
+#: the kinds of landed sample: a cell-level h5ad, or an instrument output folder to segment
+CELLS, RAW = "cells", "raw"
+
+
 @dataclass(frozen=True)
 class LandedSample:
+    """One sample in the landing area, as a listing shows it (nothing downloaded).
+
+    ``kind`` is ``"raw"`` for a ``<id>/`` folder whose file names mark an instrument's output (the
+    rules of :func:`spatial_assets.segmentation.platforms.detect_platform_from_keys`), or a folder
+    holding neither such files nor an ``.h5ad`` (the raw-sample run then fails with the readers'
+    error naming what each platform needs); ``"cells"`` for ``<id>.h5ad`` or a folder with an h5ad.
+    """
+
     sample_id: str
     keys: tuple[str, ...]
     fingerprint: str
+    kind: str = CELLS
+    platform: str | None = None  # raw: the platform the file names mark (None: none or several)
+    folder: str | None = None  # the ``<prefix><id>/`` key prefix of a folder-form sample
+    etags: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
 
     @property
     def h5ad_key(self) -> str:
@@ -159,6 +178,30 @@ class LandedSample:
             raise ValueError(f"sample {self.sample_id!r}: expected exactly one .h5ad in the landing area, found {h5ads}")
         return h5ads[0]
 
+    @property
+    def raw_files(self) -> list[tuple[str, str, str, int]]:
+        """``(path relative to the folder, key, etag, size)`` of every file of a folder-form sample."""
+        if self.folder is None:
+            return []
+        rows = zip(self.keys, self.etags or ("",) * len(self.keys), self.sizes or (0,) * len(self.keys))
+        return [(k[len(self.folder):], k, e, int(n)) for k, e, n in rows if k.startswith(self.folder)]
+
+
+def classify_landing(keys: Sequence[str], folder: str | None) -> tuple[str, str | None]:
+    """``(kind, platform)`` of a landed sample from its keys: see :class:`LandedSample`."""
+    from spatial_assets.segmentation.errors import SegmentationInputError
+    from spatial_assets.segmentation.platforms import detect_platform_from_keys
+
+    rels = [k[len(folder):] for k in keys if folder and k.startswith(folder)]
+    if rels:
+        try:
+            return RAW, detect_platform_from_keys(rels, where=folder or "")
+        except SegmentationInputError:
+            pass
+    if any(k.endswith(H5AD) for k in keys):
+        return CELLS, None
+    return RAW, None
+
 
 def scan_landing(store: Any, prefix: str, *, sample_id: str | None = None) -> tuple[list[LandedSample], list[str]]:
     """Group landing objects by sample: ``<prefix><id>.h5ad`` or ``<prefix><id>/...``.
@@ -166,9 +209,11 @@ def scan_landing(store: Any, prefix: str, *, sample_id: str | None = None) -> tu
     Returns the samples and a list of problems (invalid ids) to log, not to crash on: one bad
     upload must not stop other samples from being registered. ``sample_id`` lists only the keys
     that can belong to that sample (one sample's run need not list the whole landing area).
+    Each sample's kind (cell-level h5ad or raw instrument folder) comes from its file names.
     """
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     groups: dict[str, list[Any]] = {}
+    folders: set[str] = set()
     problems: list[str] = []
     for obj in store.list(prefix + (sample_id or "")):
         rel = obj.key[len(prefix) :]
@@ -178,6 +223,8 @@ def scan_landing(store: Any, prefix: str, *, sample_id: str | None = None) -> tu
         sid = parts[0][: -len(H5AD)] if len(parts) == 1 and parts[0].endswith(H5AD) else parts[0]
         if len(parts) == 1 and not parts[0].endswith(H5AD):
             continue
+        if len(parts) > 1:
+            folders.add(sid)
         groups.setdefault(sid, []).append(obj)
     samples = []
     for sid, objs in sorted(groups.items()):
@@ -190,9 +237,12 @@ def scan_landing(store: Any, prefix: str, *, sample_id: str | None = None) -> tu
             continue
         objs = sorted(objs, key=lambda o: o.key)
         fp = hashlib.sha256("|".join(f"{o.key}:{o.etag}:{o.size}" for o in objs).encode()).hexdigest()[:20]
-        samples.append(LandedSample(sid, tuple(o.key for o in objs), fp))
+        folder = f"{prefix}{sid}/" if sid in folders else None
+        keys = tuple(o.key for o in objs)
+        kind, platform = classify_landing(keys, folder)
+        samples.append(LandedSample(sid, keys, fp, kind=kind, platform=platform, folder=folder,
+                                    etags=tuple(str(o.etag) for o in objs), sizes=tuple(int(o.size) for o in objs)))
     return samples, problems
-
 
 
 def prefix_uri(store: Any, prefix: str) -> str:
@@ -262,7 +312,11 @@ def land_sample(
     The file is read and checked (cell ids unique, finite coordinates, unique gene names, a
     non-empty panel) before anything is written; the upload itself is atomic (the object appears
     only once complete). An id that has already landed is refused unless ``replace``.
+    A directory (or an ``s3://`` prefix not ending in ``.h5ad``) is an instrument output folder:
+    see :func:`land_raw_folder`.
     """
+    if _is_folder(path):
+        return land_raw_folder(store, sample_id, path, landing_prefix=landing_prefix, replace=replace)
     import anndata as ad
 
     from spatial_assets.core.spatial import prepare_spatial_cells
@@ -288,10 +342,96 @@ def land_sample(
         store.delete(old)
     return {
         "sample_id": sample_id,
+        "kind": CELLS,
         "uri": store.uri(key),
         "replaced": bool(existing),
         "n_cells": int(prepared.n_obs),
         "n_genes": int(prepared.n_vars),
         "panel_id": panel.id,
         "panel_name": panel.name,
+    }
+
+
+def _is_folder(path: str) -> bool:
+    from spatial_assets.storage.objectstore import is_s3_uri
+
+    if is_s3_uri(path):
+        return not str(path).endswith(H5AD)
+    return Path(path).is_dir()
+
+
+def raw_folder_key(prefix: str, sample_id: str) -> str:
+    """``<prefix><id>/``: where ``sample land`` puts the files of a raw folder (the id validated first)."""
+    validate_id(sample_id, "sample id")
+    return f"{prefix.rstrip('/')}/{sample_id}/"
+
+
+@contextlib.contextmanager
+def named_in_storage(folder: Path, landing_uri: str) -> Iterator[None]:
+    """Readers' errors name the file where the user put it (the landing area, an ``s3://`` source), not in
+    the local staging directory it was read from."""
+    from spatial_assets.segmentation.errors import SegmentationInputError
+
+    try:
+        yield
+    except SegmentationInputError as exc:
+        message = str(exc).replace(str(folder).rstrip("/") + "/", landing_uri).replace(str(folder), landing_uri.rstrip("/"))
+        raise type(exc)(message) from exc
+
+
+def land_raw_folder(
+    store: Any,
+    sample_id: str,
+    path: str,
+    *,
+    landing_prefix: str = LANDING_PREFIX,
+    replace: bool = False,
+) -> dict[str, Any]:
+    """Validate an instrument output folder as ``raw_sample`` will, then upload it to ``<prefix><id>/``.
+
+    The platform is detected from the file names and the folder is read with that platform's reader
+    (transcripts, image and transform, vendor cells), so a folder the platform would refuse (no known
+    platform, a missing transform or image, an empty transcript table, an unreadable TIFF, ...) is
+    refused here with the same message, before anything is written. Each file is uploaded atomically;
+    files of an earlier landing of the id that the new folder does not have are deleted afterwards
+    (``replace``). ``path``: a local directory or an ``s3://`` prefix (read with the environment's
+    S3 credentials).
+    """
+    import tempfile
+
+    from spatial_assets.segmentation.fingerprint import fetch_folder
+    from spatial_assets.segmentation.platforms import detect_platform
+    from spatial_assets.segmentation.readers import read_sample
+
+    folder_key = raw_folder_key(landing_prefix, sample_id)
+    existing = scan_landing(store, landing_prefix, sample_id=sample_id)[0]
+    if existing and not replace:
+        where = existing[0].folder or existing[0].keys[0]
+        raise DuplicateSampleError(
+            f"sample id {sample_id!r} has already landed ({store.uri(where.rstrip('/'))}); pass --replace to overwrite it"
+        )
+    with tempfile.TemporaryDirectory(prefix="land_raw_") as tmp:
+        folder = fetch_folder(str(path), tmp)
+        with named_in_storage(folder, str(path).rstrip("/") + "/"):
+            platform = detect_platform(folder)
+            sample = read_sample(folder, platform)  # the readers' checks; errors name the file at fault
+        files = sorted(str(p.relative_to(folder)).replace("\\", "/") for p in folder.rglob("*") if p.is_file())
+        new_keys = {folder_key + rel for rel in files}
+        n_bytes = 0
+        for rel in files:
+            n_bytes += store.put_file(folder / rel, folder_key + rel).size
+    for old in [k for s in existing for k in s.keys if k not in new_keys]:
+        store.delete(old)  # an earlier landing's files the new folder does not have (or its h5ad)
+    return {
+        "sample_id": sample_id,
+        "kind": RAW,
+        "uri": store.uri(folder_key.rstrip("/")) + "/",
+        "replaced": bool(existing),
+        "platform": platform,
+        "n_files": len(files),
+        "n_bytes": int(n_bytes),
+        "n_transcripts": int(len(sample.transcripts)),
+        "n_genes": int(len(sample.genes)),
+        "image": "none" if sample.image is None else "x".join(str(v) for v in sample.image.shape),
+        "vendor_cells": sample.vendor is not None,
     }

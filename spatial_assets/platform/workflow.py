@@ -276,8 +276,15 @@ class PanelMismatchError(ValueError):
 def annotate_sample(
     spatial: ad.AnnData, model: Any, settings: Settings, *, run_id: str, sample_id: str, panel: Panel | None = None
 ) -> ad.AnnData:
-    """Annotate with the model of the sample's own panel; the panel is recorded in the provenance."""
+    """Annotate with the model of the sample's own panel; the panel is recorded in the provenance.
+
+    A sample that came from a raw instrument folder also gets ``raw`` (every raw file's sha256 /
+    ETag / size), ``segmentation`` (platform, method, parameters, versions, content hash of the
+    segmented cells) and ``cell_qc`` (cells in / out, filters) sections: the chain raw files →
+    segmentation → cells → annotations that ``spatial-assets audit`` shows and checks.
+    """
     from spatial_assets.celltyping.annotation import annotate
+    from spatial_assets.platform.raw_samples import lineage_of
 
     card = model.card
     if panel is not None:
@@ -293,8 +300,10 @@ def annotate_sample(
             )
     annotated = annotate(spatial, model, confidence_threshold=settings.confidence_threshold, alignment=settings.alignment)
     info = annotated.uns[schema.CELLTYPING_UNS]
+    raw = lineage_of(spatial) or {}
     annotated.uns[schema.PROVENANCE_UNS] = _h5ad_safe(
         {
+            **raw,  # raw / segmentation / cell_qc, for a sample segmented from a raw folder
             "references": card.get("references", {}),
             "training_set": card.get("training_set", {}),
             "model": {"sha256": getattr(model, "sha256", None) or card.get("sha256", ""), "n_classes": len(model.classes)},

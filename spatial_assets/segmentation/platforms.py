@@ -7,6 +7,8 @@ folder with the marker but a missing image or transform gets an error naming tha
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable
 from pathlib import Path
 
 from spatial_assets.segmentation.errors import SegmentationInputError
@@ -41,17 +43,48 @@ REQUIREMENTS: dict[str, list[str]] = {
 }
 
 
-def _markers(folder: Path) -> dict[str, bool]:
+def _markers_from_keys(keys: Iterable[str]) -> dict[str, bool]:
+    """Which platforms' marker files a listing holds; ``keys`` are '/'-separated paths relative to the
+    folder (a directory may appear as ``name/``). The one set of rules: :func:`detect_platform` applies
+    it to a directory's top-level entries, :func:`detect_platform_from_keys` to an object-store listing."""
+    top_files: set[str] = set()
+    top_dirs: set[str] = set()
+    for key in keys:
+        key = str(key).replace("\\", "/").lstrip("/")
+        head, sep, _ = key.partition("/")
+        if sep:
+            top_dirs.add(head)
+        elif head:
+            top_files.add(head)
     return {
-        "xenium": (folder / "experiment.xenium").is_file(),
-        "merscope": (folder / "detected_transcripts.csv").is_file(),
-        "cosmx": any(folder.glob("*_tx_file.csv")) or any(folder.glob("*_tx_file.csv.gz")),
-        "visium_hd": (folder / "binned_outputs").is_dir(),
+        "xenium": "experiment.xenium" in top_files,
+        "merscope": "detected_transcripts.csv" in top_files,
+        "cosmx": any(fnmatch.fnmatchcase(f, "*_tx_file.csv") or fnmatch.fnmatchcase(f, "*_tx_file.csv.gz") for f in top_files),
+        "visium_hd": "binned_outputs" in top_dirs,
     }
+
+
+def _top_level_keys(folder: Path) -> list[str]:
+    """A directory's entries as listing keys: files ``name``, directories ``name/``."""
+    return [p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()]
+
+
+def _markers(folder: Path) -> dict[str, bool]:
+    return _markers_from_keys(_top_level_keys(folder))
 
 
 def requirements_text() -> str:
     return "; ".join(f"{p}: " + ", ".join(req) for p, req in REQUIREMENTS.items())
+
+
+def _decide(found: list[str], where: str, present: list[str]) -> str:
+    if not found:
+        raise SegmentationInputError(
+            f"{where}: no known platform (files present: {present[:12]}). Each platform needs: {requirements_text()}"
+        )
+    if len(found) > 1:
+        raise SegmentationInputError(f"{where}: files of several platforms ({', '.join(found)}); pass --platform")
+    return found[0]
 
 
 def detect_platform(folder: str | Path) -> str:
@@ -60,14 +93,17 @@ def detect_platform(folder: str | Path) -> str:
     if not folder.is_dir():
         raise SegmentationInputError(f"{folder}: not a directory")
     found = [p for p, ok in _markers(folder).items() if ok]
-    if not found:
-        present = sorted(str(p.relative_to(folder)) for p in folder.iterdir())[:12]
-        raise SegmentationInputError(
-            f"{folder}: no known platform (files present: {present}). Each platform needs: {requirements_text()}"
-        )
-    if len(found) > 1:
-        raise SegmentationInputError(f"{folder}: files of several platforms ({', '.join(found)}); pass --platform")
-    return found[0]
+    return _decide(found, str(folder), sorted(_top_level_keys(folder)))
+
+
+def detect_platform_from_keys(keys: Iterable[str], *, where: str = "raw folder") -> str:
+    """The platform of a folder known only by its listing (no download): ``keys`` are paths relative to
+    the folder, e.g. an object store's keys under ``landing/samples/<id>/``. Same rules and errors as
+    :func:`detect_platform`; ``where`` names the folder in them."""
+    keys = [str(k) for k in keys]
+    found = [p for p, ok in _markers_from_keys(keys).items() if ok]
+    present = sorted({k.split("/", 1)[0] + ("/" if "/" in k else "") for k in keys})
+    return _decide(found, where, present)
 
 
 def check_platform(folder: str | Path, platform: str) -> str:
@@ -85,4 +121,4 @@ def check_platform(folder: str | Path, platform: str) -> str:
     return platform
 
 
-__all__ = ["PLATFORMS", "REQUIREMENTS", "check_platform", "detect_platform", "requirements_text"]
+__all__ = ["PLATFORMS", "REQUIREMENTS", "check_platform", "detect_platform", "detect_platform_from_keys", "requirements_text"]

@@ -1,5 +1,6 @@
 """`spatial-assets sample land` against the deployment's storage: real SeaweedFS S3 and local files."""
 
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -128,4 +129,75 @@ def test_bad_input_exits_2_and_lands_nothing(s3_deployment, small_sample, tmp_pa
     assert _land("--id", sample_id, path) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert s3_deployment.list("landing/") == []
+
+
+MERSCOPE = DATA / "raw" / "merscope_mouse_brain_mini"
+
+
+@pytest.mark.parametrize("deployment", ["s3_deployment", "local_deployment"])
+def test_sample_land_uploads_a_raw_instrument_folder_as_is(deployment, request, capsys):
+    store = request.getfixturevalue(deployment)
+    assert _land("--id", "m1", MERSCOPE) == 0
+    out = capsys.readouterr().out
+    local = sorted(p.relative_to(MERSCOPE).as_posix() for p in MERSCOPE.rglob("*") if p.is_file())
+    assert "landed raw sample 'm1'" in out and "merscope folder" in out and f"{len(local)} files" in out, out
+    assert "vendor cells: yes" in out and "transcripts" in out
+    (landed,), problems = scan_landing(store, LANDING_PREFIX)
+    assert problems == [] and landed.sample_id == "m1" and landed.kind == "raw" and landed.platform == "merscope"
+    assert [rel for rel, *_ in landed.raw_files] == local
+    for rel in local:
+        assert store.read_bytes(f"landing/samples/m1/{rel}") == (MERSCOPE / rel).read_bytes()
+
+
+def test_relanding_a_folder_needs_replace_and_drops_files_it_no_longer_has(local_deployment, tmp_path, capsys):
+    store = local_deployment
+    assert _land("--id", "m1", MERSCOPE) == 0
+    smaller = tmp_path / "smaller"
+    shutil.copytree(MERSCOPE, smaller)
+    (smaller / "cell_boundaries.parquet").unlink()  # the vendor's cells gone: watershed by default
+    capsys.readouterr()
+    assert _land("--id", "m1", smaller) == 2
+    assert "'m1' has already landed" in capsys.readouterr().err
+    assert store.exists("landing/samples/m1/cell_boundaries.parquet")
+    assert _land("--id", "m1", smaller, "--replace") == 0
+    assert "replaced raw sample 'm1'" in capsys.readouterr().out
+    assert not store.exists("landing/samples/m1/cell_boundaries.parquet")
+    (landed,), _ = scan_landing(store, LANDING_PREFIX)
+    assert sorted(rel for rel, *_ in landed.raw_files) == sorted(p.relative_to(smaller).as_posix() for p in smaller.rglob("*") if p.is_file())
+
+
+def _unknown_folder(tmp: Path) -> Path:
+    folder = tmp / "unknown"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no instrument here")
+    return folder
+
+
+def _empty_transcripts(tmp: Path) -> Path:
+    folder = tmp / "empty"
+    shutil.copytree(MERSCOPE, folder)
+    (folder / "detected_transcripts.csv").write_text(",gene,global_x,global_y,global_z\n")
+    return folder
+
+
+def _no_transform(tmp: Path) -> Path:
+    folder = tmp / "no_transform"
+    shutil.copytree(MERSCOPE, folder)
+    (folder / "images" / "micron_to_mosaic_pixel_transform.csv").unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_unknown_folder, "no known platform"),
+        (_empty_transcripts, "detected_transcripts.csv: the transcript table is empty"),
+        (_no_transform, "missing transform file"),
+    ],
+)
+def test_a_bad_raw_folder_exits_2_and_lands_nothing(s3_deployment, tmp_path, capsys, make, message):
+    assert _land("--id", "m1", make(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
     assert s3_deployment.list("landing/") == []

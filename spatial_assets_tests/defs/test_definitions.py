@@ -15,6 +15,12 @@ OWNERS = ["team:spatial-platform"]
 # asset: (partitions, group, kinds)
 EXPECTED_ASSETS = {
     "reference_atlas": ("references", "references", {"json", "s3"}),
+    # a sample landed as an instrument output folder
+    "raw_sample": ("samples", "segmentation", {"json", "s3"}),
+    "segmented_cells": ("samples", "segmentation", {"anndata", "s3"}),
+    "cell_boundaries": ("samples", "segmentation", {"geoparquet", "s3"}),
+    "transcript_assignments": ("samples", "segmentation", {"parquet", "s3"}),
+    "cell_qc": ("samples", "segmentation", {"anndata", "s3"}),
     "spatial_cells": ("samples", "samples", {"anndata", "s3"}),
     "sample_panel": ("samples", "samples", {"json", "s3"}),
     "gene_panel": ("panels", "celltyping", {"json", "s3"}),
@@ -35,6 +41,13 @@ EXPECTED_ASSETS = {
 }
 # asset: {parent: partition mapping}
 EXPECTED_DEPS = {
+    "segmented_cells": {"raw_sample": "IdentityPartitionMapping"},
+    "cell_boundaries": {"raw_sample": "IdentityPartitionMapping"},
+    "transcript_assignments": {"raw_sample": "IdentityPartitionMapping"},
+    "cell_qc": {"segmented_cells": "IdentityPartitionMapping", "cell_boundaries": "IdentityPartitionMapping",
+                "raw_sample": "IdentityPartitionMapping"},
+    # a raw sample's cells come from cell_qc (a sample landed as h5ad has no cell_qc partition)
+    "spatial_cells": {"cell_qc": "IdentityPartitionMapping"},
     "sample_panel": {"spatial_cells": "IdentityPartitionMapping"},
     "gene_panel": {"sample_panel": "AllPartitionMapping"},
     "training_set": {"reference_atlas": "AllPartitionMapping", "gene_panel": "IdentityPartitionMapping"},
@@ -59,6 +72,8 @@ EXPECTED_DEPS = {
 }
 # (asset, check, blocking, partitions)
 EXPECTED_CHECKS = {
+    ("cell_qc", "cell_qc_invariants", True, "samples"),
+    ("cell_qc", "cell_qc_fractions", False, "samples"),
     ("spatial_cells", "spatial_cells_normalization", True, "samples"),
     ("spatial_cells", "spatial_cells_gene_overlap", True, "samples"),
     ("training_set", "training_set_normalization", True, "panels"),
@@ -75,6 +90,7 @@ EXPECTED_CHECKS = {
 EXPECTED_JOBS = {
     "references_job": ({"reference_atlas"}, "references"),
     "samples_job": ({"spatial_cells", "sample_panel"}, "samples"),
+    "raw_samples_job": ({"raw_sample", "segmented_cells", "cell_boundaries", "transcript_assignments", "cell_qc"}, "samples"),
     "panel_models_job": ({"gene_panel", "training_set", "label_mapping", "celltype_model"}, "panels"),
     "celltyping_job": ({"cell_type_annotations", "cell_type_summary"}, "samples"),
     "domain_model_job": ({"domain_model"}, None),
@@ -85,7 +101,13 @@ EXPECTED_JOBS = {
 # asset: label of its automation condition (None: driven by a sensor)
 EXPECTED_AUTOMATION = {
     "reference_atlas": None,
-    "spatial_cells": None,
+    "raw_sample": None,
+    "segmented_cells": "eager: when an upstream partition updates",
+    "cell_boundaries": "eager: when an upstream partition updates",
+    "transcript_assignments": "eager: when an upstream partition updates",
+    "cell_qc": "eager: when an upstream partition updates",
+    # h5ad samples: the landing sensor runs it (cell_qc stays missing); raw samples: after cell_qc's blocking check
+    "spatial_cells": "eager, once upstream blocking checks passed",
     "sample_panel": "eager, once upstream blocking checks passed",
     "gene_panel": "once per panel, when sample_panel adds it",
     "training_set": "eager on the usable reference_atlas partitions",
@@ -164,7 +186,7 @@ def test_sensors_schedule_and_automation(defs):
     # all of them run without anyone switching them on (Dagster's default automation sensor would not)
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
     assert sensors["reference_manifest_sensor"].job_name == "references_job"
-    assert sensors["sample_landing_sensor"].job_name == "samples_job"
+    assert {j.name for j in sensors["sample_landing_sensor"].jobs} == {"samples_job", "raw_samples_job"}
     assert sensors["spot_landing_sensor"].job_name == "spot_samples_job"
     automation = sensors["spatial_assets_automation"]
     assert isinstance(automation, dg.AutomationConditionSensorDefinition)

@@ -1,0 +1,1 @@
+"""Dagster definitions for raw instrument folders: reading, segmentation, QC (thin: the science lives outside defs/)."""
