@@ -232,7 +232,8 @@ def sample_links(
     links: list[AuditLink] = []
     cells = _uns(store, keys.spatial_cells, ("content_sha256", "landing_fingerprint"))
     cells_sha = cells.get("content_sha256") if cells is not None else MISSING  # annotations without cells: STALE
-    if cells is not None and landing_fingerprint is not None and cells.get("landing_fingerprint"):
+    # a sample segmented from a raw folder has a link per raw file instead (_raw_links): one STALE line per change
+    if cells is not None and landing_fingerprint is not None and cells.get("landing_fingerprint") and not provenance.get("raw"):
         now = landing_fingerprint(sample_id)
         links.append(AuditLink("landed file -> spatial_cells", cells.get("landing_fingerprint"), now,
                                "" if now is not None else "(nothing landed for this sample any more)"))
