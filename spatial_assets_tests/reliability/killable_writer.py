@@ -27,7 +27,9 @@ MiB = 1024 * 1024
 
 
 def _park(marker: Path) -> None:
-    marker.write_text(str(os.getpid()))
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, marker)  # atomic: the test never reads a created-but-empty marker
     time.sleep(3600)
 
 

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _start_and_kill(args: list[str], marker: Path, tmpdir: Path, env: dict[str, str] | None = None, timeout: float = 90) -> None:
     """Start the writer, SIGKILL it once it has parked inside the write (marker file written)."""
     full_env = {**os.environ, **(env or {}), "TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO)}
+    marker.unlink(missing_ok=True)  # a marker left by an earlier writer must not be taken for this one's
     proc = subprocess.Popen([sys.executable, "-m", "spatial_assets_tests.reliability.killable_writer", args[0], str(marker), *args[1:]],
                             env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
