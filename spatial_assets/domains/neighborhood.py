@@ -132,13 +132,67 @@ _AUTO_PCS = 10
 _AUTO_GRAM_ROWS = 50_000
 
 
+#: beyond this many cells in all inputs, target_sum="auto" scores its candidates on tiles spread over
+#: each sample, about this many cells in all (the score is a per-neighbourhood statistic; measured in
+#: docs/domains.md), and only the winner is normalised in full
+_AUTO_SCORE_CELLS = 50_000
+
+
 def _normalised(adatas: Sequence[AnnData], names: Sequence[str], genes: list[str], target: float) -> list[Any]:
     mats = []
     for a, nm in zip(adatas, names):
         norm = _log_expression(a, target, nm)
-        mats.append(_as_matrix(norm[:, a.var_names.get_indexer(genes)]))
+        take = a.var_names.get_indexer(genes)
+        if take.size != norm.shape[1] or np.any(take != np.arange(take.size)):  # not all genes, in order
+            norm = norm[:, take]
+        mats.append(_as_matrix(norm))
         del norm
     return mats
+
+
+#: a window for the ``auto`` score is made of about this many square tiles of the tissue, drawn at random
+#: (seeded) so that it covers the whole section, not one region of it
+_SCORE_TILES = 10
+
+
+def spread_tiles(xy: np.ndarray, size: int, *, seed: int = 0) -> np.ndarray:
+    """Sorted indices of about ``size`` points: square tiles of ~``size / 10`` points each (a grid over the
+    points' extent), drawn in a seeded random order until ``size`` points are covered. Each tile keeps
+    its cells' neighbourhoods intact, and the tiles spread over the whole section."""
+    n = xy.shape[0]
+    if size >= n:
+        return np.arange(n)
+    per_axis = max(1, int(np.ceil(np.sqrt(_SCORE_TILES * n / max(size, 1)))))
+    lo = xy.min(0)
+    extent = np.ptp(xy, axis=0)
+    extent[extent == 0] = 1.0
+    ij = np.minimum(((xy - lo) / extent * per_axis).astype(np.int64), per_axis - 1)
+    tile = ij[:, 0] * per_axis + ij[:, 1]
+    ids, counts = np.unique(tile, return_counts=True)
+    order = np.random.default_rng(seed).permutation(ids.size)
+    n_take = int(np.searchsorted(np.cumsum(counts[order]), size) + 1)
+    return np.flatnonzero(np.isin(tile, ids[order[:n_take]]))
+
+
+def _score_windows(
+    adatas: Sequence[AnnData],
+    coords: Sequence[np.ndarray],
+    graphs: Sequence[tuple[sp.csr_matrix, dict[str, Any]]],
+    groups: Sequence[list[np.ndarray]],
+    limit: int,
+) -> tuple[list[AnnData], list[tuple[sp.csr_matrix, dict[str, Any]]], list[list[np.ndarray]]]:
+    """Tiles of each sample (:func:`spread_tiles`; ``limit`` cells in all, shared in proportion to sample
+    size) with the induced subgraph of its spatial graph: what ``target_sum="auto"`` scores beyond
+    ``limit`` cells."""
+    n_total = sum(a.n_obs for a in adatas)
+    sub_adatas, sub_graphs, sub_groups = [], [], []
+    for a, xy, (conn, info), gr in zip(adatas, coords, graphs, groups):
+        picked = [g[spread_tiles(xy[g], int(np.ceil(g.size * limit / n_total)))] for g in gr]
+        idx = np.sort(np.concatenate(picked)) if picked else np.arange(0)
+        sub_adatas.append(a[idx])
+        sub_graphs.append((sp.csr_matrix(conn[idx][:, idx]), info))
+        sub_groups.append([np.searchsorted(idx, np.sort(g)) for g in picked])
+    return sub_adatas, sub_graphs, sub_groups
 
 
 def spatial_structure_score(
@@ -189,6 +243,7 @@ def _library_target(
     params: NeighborhoodParams,
     graphs: Sequence[tuple[sp.csr_matrix, dict[str, Any]]],
     groups: Sequence[list[np.ndarray]],
+    coords: Sequence[np.ndarray] | None = None,
 ) -> tuple[float, dict[str, Any], list[Any]]:
     """(library size every cell is normalised to, how it was chosen, the normalised matrices).
 
@@ -215,18 +270,25 @@ def _library_target(
     if params.target_sum == "median":
         info["target"] = median
         return median, info, _normalised(adatas, names, genes, median)
-    best: tuple[float, float, list[Any]] | None = None
+    n_total = int(allsizes.size)
+    windowed = coords is not None and n_total > _AUTO_SCORE_CELLS
+    s_adatas, s_graphs, s_groups = (
+        _score_windows(adatas, coords, graphs, groups, _AUTO_SCORE_CELLS) if windowed else (adatas, graphs, groups)  # type: ignore[arg-type]
+    )
+    best: tuple[float, float, list[Any] | None] | None = None
     scores = {}
     for target in (median, *AUTO_FIXED_TARGETS):
-        mats = _normalised(adatas, names, genes, target)
-        score = spatial_structure_score(mats, graphs, groups, scale_genes=params.scale_genes, max_genes=params.max_genes)
+        mats = _normalised(s_adatas, names, genes, target)
+        score = spatial_structure_score(mats, s_graphs, s_groups, scale_genes=params.scale_genes, max_genes=params.max_genes)
         scores[f"{target:.6g}"] = score
         if best is None or score > best[0]:
-            best = (score, target, mats)
+            best = (score, target, None if windowed else mats)
         del mats
     assert best is not None
     info.update({"target": best[1], "structure_scores": scores})
-    return best[1], info, best[2]
+    info["scored_cells"] = int(sum(a.n_obs for a in s_adatas))
+    mats = best[2] if best[2] is not None else _normalised(adatas, names, genes, best[1])
+    return best[1], info, mats
 
 
 def _as_matrix(x: Any) -> sp.csr_matrix | np.ndarray:
@@ -458,8 +520,12 @@ class NeighborhoodDomainModel:
         for hop in range(1, int(hops.max()) + 1):
             h = a @ h
             active = hops >= hop
-            acc[active] += h[active]
-        s = acc / hops[:, None]
+            if active.all():  # the usual case: no boolean-mask copies of an n x d block
+                acc += h
+            else:
+                acc[active] += h[active]
+        acc /= hops[:, None]
+        s = acc
         return p, s, conn, info
 
     def _features(self, p: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -701,7 +767,7 @@ class NeighborhoodDomainEngine:
             seed=seed,
         )
         graphs = [model._graph(xy, g) for xy, g in zip(coords, groups)]
-        target, target_info, mats = _library_target(adatas, names, genes, p, graphs, groups)
+        target, target_info, mats = _library_target(adatas, names, genes, p, graphs, groups, coords)
         model.library_target = target
         mean, var, n = _gene_stats(mats)
         selection: dict[str, Any] = {"method": "all genes"}
@@ -731,21 +797,27 @@ class NeighborhoodDomainEngine:
         del mats
         # put cell and neighbourhood blocks on equal total variance first, so that lam is the share of
         # variance given to the neighbourhood (the cell block otherwise dominates: averaging shrinks variance)
+        # (pooled over the samples block by block: no stacked copy of all cells' features)
         block_sd = []
         for j, w in ((0, 1.0 - p.lam), (1, p.lam)):
-            pooled = np.vstack([b[j] for b in blocks])
-            tot = float(np.sqrt(pooled.var(0).sum() / w)) if w > 0 else 0.0
+            mu = sum(b[j].sum(0) for b in blocks) / n
+            tot = float(np.sqrt(sum(float(((b[j] - mu) ** 2).sum()) for b in blocks) / n / w)) if w > 0 else 0.0
             block_sd.append(tot if tot > 0 else 1.0)
-            del pooled
         model.block_scale = (block_sd[0], block_sd[1])
-        f_all = np.vstack([model._features(own, nbr) for own, nbr, _ in blocks])
-        mean2 = f_all.mean(0)
-        f_all -= mean2
-        d2 = int(min(p.n_pcs, f_all.shape[1], max(n - 1, 1)))
+        feats = []
+        for i, (own, nbr, conn) in enumerate(blocks):
+            feats.append(model._features(own, nbr))
+            blocks[i] = (None, None, conn)  # type: ignore[assignment]  # free the blocks as we go
+        mean2 = sum(f.sum(0) for f in feats) / n
+        cov2 = np.zeros((feats[0].shape[1], feats[0].shape[1]))
+        for f in feats:
+            f -= mean2
+            cov2 += f.T @ f
+        d2 = int(min(p.n_pcs, cov2.shape[0], max(n - 1, 1)))
         model.mean2 = mean2
-        model.loadings2 = _pca_from_cov(f_all.T @ f_all / n, d2)
-        del f_all
-        embs = [model._project(own, nbr) for own, nbr, _ in blocks]
+        model.loadings2 = _pca_from_cov(cov2 / n, d2)
+        embs = [f @ model.loadings2 for f in feats]  # = model._project(own, nbr): the features are centred
+        del feats
         cached = [(e, conn) for e, (_, _, conn) in zip(embs, blocks)]
         del blocks
         emb = np.vstack(embs)

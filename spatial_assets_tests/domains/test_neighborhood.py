@@ -207,3 +207,37 @@ def test_format_1_model_still_loads_and_assigns_as_before(synthetic: list[ad.Ann
     loaded = load_model(tmp_path / "m")
     assert loaded.library_target == 1e4 and loaded.params.scale_genes is False
     assert (loaded.assign(synthetic[1]).obs["domain"] == v1.assign(synthetic[1]).obs["domain"]).all()
+
+
+def test_spread_tiles_cover_the_section_with_whole_neighbourhoods() -> None:
+    from spatial_assets.domains.neighborhood import spread_tiles
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, [4000.0, 1000.0], size=(20_000, 2))
+    idx = spread_tiles(xy, 4_000)
+    assert np.all(np.diff(idx) > 0) and 4_000 <= idx.size <= 4_000 + 2 * 20_000 // 10
+    assert np.array_equal(idx, spread_tiles(xy, 4_000))  # seeded
+    assert not np.array_equal(idx, spread_tiles(xy, 4_000, seed=1))
+    picked = xy[idx]
+    # tiles spread over the whole extent, not one corner (a central window would span ~45 % of it)
+    assert (np.ptp(picked, axis=0) > 0.8 * np.ptp(xy, axis=0)).all()
+    assert np.array_equal(spread_tiles(xy, 30_000), np.arange(20_000))
+
+
+def test_auto_target_scored_on_tiles_beyond_the_limit_picks_what_all_cells_pick(
+    synthetic: list[ad.AnnData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import spatial_assets.domains.neighborhood as nb
+
+    full_outs, full = run_domains(synthetic, n_domains=4, seed=0)
+    assert full.fit_stats["library_target"]["scored_cells"] == sum(s.n_obs for s in synthetic)
+    monkeypatch.setattr(nb, "_AUTO_SCORE_CELLS", 1_500)
+    outs, model = run_domains(synthetic, n_domains=4, seed=0)
+    info = model.fit_stats["library_target"]
+    assert 1_500 <= info["scored_cells"] < 3_000
+    assert set(info["structure_scores"]) == set(full.fit_stats["library_target"]["structure_scores"])
+    assert model.library_target == full.library_target
+    # only the choice is made on tiles: every cell is then normalised as before, so the domains agree
+    for a, b in zip(outs, full_outs):
+        assert (a.obs["domain"].astype(str) == b.obs["domain"].astype(str)).all()
+        np.testing.assert_allclose(a.obsm["X_domain_embedding"], b.obsm["X_domain_embedding"], atol=1e-5)
