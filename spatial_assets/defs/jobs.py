@@ -9,68 +9,78 @@ has two: the per-panel models and the per-sample annotations. Each job's partiti
 its assets (inferred by Dagster).
 """
 
+from typing import Any
+
 import dagster as dg
 
-references_job = dg.define_asset_job(
+
+def _job(name: str, area: str, assets: list[str], description: str) -> Any:  # dagster does not export the type (UnresolvedAssetJobDefinition)
+    """An asset job over ``assets``, tagged with its area (the UI filters runs by it)."""
+    return dg.define_asset_job(
+        name, selection=dg.AssetSelection.assets(*assets), description=description, tags={"spatial_assets/area": area}
+    )
+
+
+references_job = _job(
     "references_job",
-    selection=dg.AssetSelection.assets("reference_atlas"),
-    description="Validate and fingerprint one registered reference atlas (partition = reference id).",
-    tags={"spatial_assets/area": "references"},
+    "references",
+    ["reference_atlas"],
+    "Validate and fingerprint one registered reference atlas (partition = reference id).",
 )
-samples_job = dg.define_asset_job(
+samples_job = _job(
     "samples_job",
-    selection=dg.AssetSelection.assets("spatial_cells", "sample_panel"),
-    description="Read one landed sample, check it, record its gene panel (partition = sample id).",
-    tags={"spatial_assets/area": "samples"},
+    "samples",
+    ["spatial_cells", "sample_panel"],
+    "Read one landed sample, check it, record its gene panel (partition = sample id).",
 )
-raw_samples_job = dg.define_asset_job(
+raw_samples_job = _job(
     "raw_samples_job",
-    selection=dg.AssetSelection.assets("raw_sample", "segmented_cells", "cell_boundaries", "transcript_assignments", "cell_qc"),
-    description=(
+    "segmentation",
+    ["raw_sample", "segmented_cells", "cell_boundaries", "transcript_assignments", "cell_qc"],
+    (
         "Read and fingerprint one landed instrument folder, segment it into cells (outlines and transcript "
         "assignments beside them) and QC the cells (partition = sample id); spatial_cells follows by automation."
     ),
-    tags={"spatial_assets/area": "segmentation"},
 )
-panel_models_job = dg.define_asset_job(
+panel_models_job = _job(
     "panel_models_job",
-    selection=dg.AssetSelection.assets("gene_panel", "training_set", "label_mapping", "celltype_model"),
-    description="Training set, label mapping and CellTypist model of one gene panel (partition = panel id).",
-    tags={"spatial_assets/area": "celltyping"},
+    "celltyping",
+    ["gene_panel", "training_set", "label_mapping", "celltype_model"],
+    "Training set, label mapping and CellTypist model of one gene panel (partition = panel id).",
 )
-celltyping_job = dg.define_asset_job(
+celltyping_job = _job(
     "celltyping_job",
-    selection=dg.AssetSelection.assets("cell_type_annotations", "cell_type_summary"),
-    description="Annotate one sample with the model of its own panel, and summarize (partition = sample id).",
-    tags={"spatial_assets/area": "celltyping"},
+    "celltyping",
+    ["cell_type_annotations", "cell_type_summary"],
+    "Annotate one sample with the model of its own panel, and summarize (partition = sample id).",
 )
-domain_model_job = dg.define_asset_job(
+domain_model_job = _job(
     "domain_model_job",
-    selection=dg.AssetSelection.assets("domain_model"),
-    description="(Re)fit the shared spatial-domain model on every registered sample.",
-    tags={"spatial_assets/area": "domains"},
+    "domains",
+    ["domain_model"],
+    "(Re)fit the shared spatial-domain model on every registered sample.",
 )
-domains_job = dg.define_asset_job(
+domains_job = _job(
     "domains_job",
-    selection=dg.AssetSelection.assets("spatial_domains", "domain_composition", "domain_markers", "spatially_variable_genes"),
-    description=(
+    "domains",
+    ["spatial_domains", "domain_composition", "domain_markers", "spatially_variable_genes"],
+    (
         "Assign one sample's domains with the shared model, then composition and markers; and the sample's "
         "spatially variable genes (partition = sample id)."
     ),
-    tags={"spatial_assets/area": "domains"},
 )
 
-spot_samples_job = dg.define_asset_job(
+spot_samples_job = _job(
     "spot_samples_job",
-    selection=dg.AssetSelection.assets("spot_sample"),
-    description="Read one landed spot-level sample (Visium spots / Visium HD bins) and check it (partition = spot sample id).",
-    tags={"spatial_assets/area": "deconvolution"},
+    "deconvolution",
+    ["spot_sample"],
+    "Read one landed spot-level sample (Visium spots / Visium HD bins) and check it (partition = spot sample id).",
 )
-spot_deconvolution_job = dg.define_asset_job(
+spot_deconvolution_job = _job(
     "spot_deconvolution_job",
-    selection=dg.AssetSelection.assets("spot_deconvolution", "spot_domains", "spot_domain_composition"),
-    description="Deconvolve one spot sample with the registered references, then its domains and their composition.",
-    tags={"spatial_assets/area": "deconvolution"},
+    "deconvolution",
+    ["spot_deconvolution", "spot_domains", "spot_domain_composition"],
+    "Deconvolve one spot sample with the registered references, then its domains and their composition.",
 )
 
 ALL_JOBS = [
