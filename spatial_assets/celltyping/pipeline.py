@@ -162,9 +162,11 @@ def model_metadata(model: TrainedModel) -> dict[str, Any]:
         "regimes": regimes,
         "rare_classes": list(card.get("rare_classes", [])),
         "cv_criterion": card.get("parameters", {}).get("cv_criterion", ""),
+        "cv_selection": card.get("parameters", {}).get("cv_selection", ""),
         "cv_grid": [
             {"reg_per_cell": _plain(g["reg_per_cell"]), "criterion": _plain(g.get("held_out_nll_class_balanced")),
-             "se": _plain(g.get("held_out_nll_class_balanced_se")), "accuracy": _plain(g.get("held_out_accuracy"))}
+             "se": _plain(g.get("held_out_nll_class_balanced_se")), "accuracy": _plain(g.get("held_out_accuracy")),
+             "balanced_accuracy": _plain(g.get("held_out_balanced_accuracy"))}
             for g in grid
         ],  # fmt: skip
     }

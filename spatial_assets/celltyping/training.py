@@ -57,14 +57,24 @@ AUTO = "auto"
 #: both regimes are read off this one walk
 CV_GRID_STEP = 2.0
 CV_REG_GRID: tuple[float, ...] = tuple(float(f"{0.4 / CV_GRID_STEP**k:.3g}") for k in range(13))  # 0.4 ... 1e-4
-#: what the cross-validation minimises: held-out NLL after temperature scaling with every class
-#: weighted equally (a proper score, smooth, and as sensitive to small classes as balanced
-#: accuracy; the cell-weighted NLL let large classes decide and cost small-class recall — measured
-#: with the alternatives by ``benchmarks/bench_generality.py --reg-sweep``, docs/celltyping.md)
+#: the smooth score of the walk: held-out NLL after temperature scaling with every class weighted
+#: equally (a proper score with a standard error). The shifted regime's one-standard-error rule is
+#: read off it; the cell-weighted NLL let large classes decide and cost small-class recall
 CV_CRITERION = "held_out_nll_class_balanced"
+#: what the same_platform regime maximises: held-out balanced accuracy (recall averaged over classes),
+#: i.e. the decisions themselves with every class weighted equally. Without a shift held-out reference
+#: cells stand for the query, so the penalty whose decisions are best on them is taken. The NLL minimum
+#: stops short of it with many fine classes and a small panel (it pays for every over-confident error,
+#: and temperature scaling fixes that afterwards anyway): measured with the alternatives by
+#: ``benchmarks/bench_generality.py --reg-sweep``, docs/celltyping.md. Balanced accuracy is a noisy,
+#: flat score (label noise, which calls for more shrinkage, hardly moves it), so every value within one
+#: standard error of the highest counts as equally good, and among those the lowest CV_CRITERION is
+#: taken: the decisions first, within their noise, then the proper score
+CV_SELECTION = "held_out_balanced_accuracy"
 #: criterion differences below this (nats) are ties; far below any standard error seen (>= 1e-3)
 CV_TIE_NATS = 1e-4
-#: the grid walk stops once the held-out criterion has been worse than the best this many times in a row
+#: the grid walk stops once neither the criterion nor the selection score has improved on its best for
+#: this many values in a row
 CV_PATIENCE = 2
 #: classes with fewer training cells are kept but flagged as rare (card / uns)
 RARE_CLASS_CELLS = 10
@@ -354,6 +364,20 @@ def _balanced_accuracy(pred: np.ndarray, y_idx: np.ndarray) -> float:
     return float(np.mean([(pred[y_idx == c] == c).mean() for c in present]))
 
 
+def _balanced_accuracy_se(pred: np.ndarray, y_idx: np.ndarray) -> float:
+    """Standard error of the balanced accuracy (classes independent, binomial recall per class):
+    ``sqrt(sum_k r_k (1 - r_k) / n_k) / K`` with the recall shrunk as ``(hits + 1) / (n_k + 2)``
+    (Laplace; Agresti & Coull 1998), so that a small class recalled perfectly or not at all, whose
+    plain binomial variance is 0, still counts with the uncertainty its few cells carry."""
+    present = np.unique(y_idx)
+    var = []
+    for c in present:
+        n_c = int((y_idx == c).sum())
+        r = (int((pred[y_idx == c] == c).sum()) + 1) / (n_c + 2)
+        var.append(r * (1 - r) / n_c)
+    return float(np.sqrt(np.sum(var)) / len(present))
+
+
 def train_model(
     adata: AnnData,
     *,
@@ -373,14 +397,15 @@ def train_model(
     index (:mod:`spatial_assets.celltyping.shift`):
 
     * ``same_platform`` (the celltypist-visible ``coef_``): the L2 penalty chosen by stratified,
-      seeded ``cv_folds``-fold cross-validation on the reference (:data:`CV_CRITERION`, over
+      seeded ``cv_folds``-fold cross-validation on the reference (highest :data:`CV_SELECTION`, over
       :data:`CV_REG_GRID`, strongest first, each fit warm-starting the next; the chosen
       ``C = 1 / (reg * n_train_fold)`` is refitted on all cells, as scikit-learn's
       ``LogisticRegressionCV`` does). Without a platform shift, what predicts held-out reference
       cells best predicts the query best; the former fixed strong path (0.05–0.4 per cell)
       destroyed same-platform transfer with many fine classes (docs/celltyping.md).
     * ``shifted``: stronger shrinkage by the one-standard-error rule on the same walk: the
-      strongest penalty whose held-out criterion is within one standard error of the minimum.
+      strongest penalty whose held-out :data:`CV_CRITERION` is within one standard error of its
+      minimum (and never weaker than ``same_platform``'s).
       Strong shrinkage transfers across platforms (scRNA-seq → imaging), but where the reference
       shows it costs (small classes) it is not taken.
 
@@ -470,6 +495,7 @@ def train_model(
             "temperature": T,
             "held_out_accuracy": float((pred == ycv).mean()),
             "held_out_balanced_accuracy": _balanced_accuracy(pred, ycv),
+            "held_out_balanced_accuracy_se": _balanced_accuracy_se(pred, ycv),
         }
         records.append(rec)
         return rec, L
@@ -481,7 +507,19 @@ def train_model(
             rec[CV_CRITERION] <= than[CV_CRITERION] + CV_TIE_NATS and (rec["reg_per_cell"] or 0.0) < (than["reg_per_cell"] or 0.0)
         )
 
-    best: dict[str, Any] | None = None
+    def better_selection(rec: dict[str, Any], than: dict[str, Any] | None) -> bool:
+        # the walk goes on while the selection score still rises
+        return than is None or rec[CV_SELECTION] > than[CV_SELECTION] + 1e-12
+
+    def selected() -> tuple[dict[str, Any], float]:
+        # (the record taken, the standard error of the highest balanced accuracy) — see CV_SELECTION
+        top = max(records, key=lambda r: r[CV_SELECTION])
+        tol = float(top[f"{CV_SELECTION}_se"])
+        tied = [r for r in records if r[CV_SELECTION] >= top[CV_SELECTION] - tol]
+        return min(tied, key=lambda r: (r[CV_CRITERION], r["reg_per_cell"] or 0.0)), tol
+
+    best: dict[str, Any] | None = None  # lowest CV_CRITERION
+    chosen: dict[str, Any] | None = None  # highest CV_SELECTION
     worse = 0
     init: list[np.ndarray | None] = [None] * cv_folds
     for reg in grid:
@@ -489,14 +527,16 @@ def train_model(
         init = list(theta_at[reg])
         if mode == "path":
             path_sum = L if path_sum is None else path_sum + L
+        improved = False
         if better(rec, best):
-            best, worse = rec, 0
-        else:
-            worse += 1
-        # beyond the best, stop once the criterion has risen for CV_PATIENCE consecutive, weaker values
+            best, improved = rec, True
+        if better_selection(rec, chosen):
+            chosen, improved = rec, True
+        worse = 0 if improved else worse + 1
+        # beyond both bests, stop once neither has improved for CV_PATIENCE consecutive, weaker values
         if mode == AUTO and worse >= CV_PATIENCE:
             break
-    assert best is not None
+    assert best is not None and chosen is not None
 
     # ---- regimes. same_platform: the CV minimum. shifted: the one-standard-error rule (Breiman et
     # al. 1984; Hastie et al., ESL 7.10): the strongest shrinkage whose held-out criterion is within
@@ -512,12 +552,14 @@ def train_model(
             known = [r for r in theta_at if r is not None]
             return list(theta_at[min(known, key=lambda r: abs(np.log(r / reg)))])
 
-        b0 = float(best["reg_per_cell"])
-        for cand in (b0 * half, b0 / half):  # around the minimum
-            if grid[-1] <= cand <= grid[0]:
-                rec, _ = evaluate(float(f"{cand:.3g}"), nearest_init(cand))
-                if better(rec, best):
-                    best = rec
+        around = sorted({float(best["reg_per_cell"]), float(selected()[0]["reg_per_cell"])}, reverse=True)
+        for b0 in around:  # around the criterion's minimum and the selection's choice
+            for cand in (float(f"{b0 * half:.3g}"), float(f"{b0 / half:.3g}")):
+                if grid[-1] <= cand <= grid[0] and cand not in theta_at:
+                    rec, _ = evaluate(cand, nearest_init(cand))
+                    if better(rec, best):
+                        best = rec
+        chosen, selection_tol = selected()
         limit = best[CV_CRITERION] + best[f"{CV_CRITERION}_se"]
         one_se = max((r for r in records if r[CV_CRITERION] <= limit), key=lambda r: r["reg_per_cell"])
         cand = float(f"{one_se['reg_per_cell'] * half:.3g}")
@@ -526,7 +568,8 @@ def train_model(
             if rec[CV_CRITERION] <= limit:
                 one_se = rec
         records.sort(key=lambda r: -(r["reg_per_cell"] or 0.0))
-        regs = {"same_platform": float(best["reg_per_cell"]), "shifted": float(one_se["reg_per_cell"])}
+        # shifted never shrinks less than same_platform: it is the regime for a query less like the reference
+        regs = {"same_platform": float(chosen["reg_per_cell"]), "shifted": max(float(one_se["reg_per_cell"]), float(chosen["reg_per_cell"]))}
         cals = {k: _calibration(oof_logits(v), ycv, target_precision) for k, v in regs.items()}
         # same_platform refits the chosen C on all cells (LogisticRegressionCV): the penalty is a prior
         # against estimation noise, whose optimal total does not grow with n. shifted keeps the penalty
@@ -613,7 +656,8 @@ def train_model(
                 "cv_reg_per_cell": regs["same_platform"],
                 "why": (
                     f"{cv_folds}-fold stratified CV on {len(cv_rows)} reference cells over reg_per_cell {walked}: "
-                    f"class-balanced held-out NLL (after temperature scaling) lowest at {regs['same_platform']:g}; "
+                    f"held-out balanced accuracy {chosen[CV_SELECTION]:.3f} at {regs['same_platform']:g}, within one SE "
+                    f"({selection_tol:.3g}) of the highest, and the lowest class-balanced NLL of those; "
                     f"refitted on all {n} cells with the same C"
                 ),
             },
@@ -622,7 +666,9 @@ def train_model(
                 "cv_reg_per_cell": regs["shifted"],
                 "why": (
                     f"one-standard-error rule: the strongest reg_per_cell whose class-balanced held-out NLL is within one SE "
-                    f"({best[f'{CV_CRITERION}_se']:.3g}) of the minimum is {regs['shifted']:g}; refitted on all {n} cells with the same penalty per cell"
+                    f"({best[f'{CV_CRITERION}_se']:.3g}) of the minimum is {float(one_se['reg_per_cell']):g}"
+                    + (f" (raised to same_platform's {regs['shifted']:g})" if regs["shifted"] > float(one_se["reg_per_cell"]) else "")
+                    + f"; refitted on all {n} cells with the same penalty per cell"
                 ),
             },
         }
@@ -648,6 +694,7 @@ def train_model(
             "C": float(clf.C),
             "reg_per_cell": "auto" if mode == AUTO else ([m["reg_per_cell"] for m in members] if C is None else None),
             "cv_criterion": CV_CRITERION,
+            "cv_selection": CV_SELECTION,
             "regularization_path": _jsonable(members),
             "max_iter": max_iter,
             "tol": tol,
@@ -657,7 +704,13 @@ def train_model(
             "cv_folds": cv_folds,
             "target_precision": target_precision,
         },
-        "cross_validation": {"n_cells": int(len(cv_rows)), "folds": cv_folds, "grid": _jsonable(records)},
+        "cross_validation": {
+            "n_cells": int(len(cv_rows)),
+            "folds": cv_folds,
+            "grid": _jsonable(records),
+            "selection": CV_SELECTION,
+            "selection_tolerance": float(selection_tol) if mode == AUTO else None,
+        },
         "regimes": _jsonable(regimes),
         "calibration": {
             "method": "temperature-scaled softmax, NLL-fitted on out-of-fold reference predictions (per regime)",

@@ -207,12 +207,14 @@ def cv_scores_table(card: dict[str, Any]) -> pd.DataFrame:
                 "held_out_nll_class_balanced_se": float(rec.get("held_out_nll_class_balanced_se", float("nan"))),
                 "held_out_accuracy": float(rec.get("held_out_accuracy", float("nan"))),
                 "held_out_balanced_accuracy": float(rec.get("held_out_balanced_accuracy", float("nan"))),
+                "held_out_balanced_accuracy_se": float(rec.get("held_out_balanced_accuracy_se", float("nan"))),
                 "temperature": float(rec.get("temperature", float("nan"))),
                 "chosen_for": ", ".join(chosen.get(float(reg), [])) if reg is not None else "",
             }
         )
     table = pd.DataFrame(rows, columns=["reg_per_cell", "held_out_nll_class_balanced", "held_out_nll_class_balanced_se",
-                                        "held_out_accuracy", "held_out_balanced_accuracy", "temperature", "chosen_for"])
+                                        "held_out_accuracy", "held_out_balanced_accuracy", "held_out_balanced_accuracy_se",
+                                        "temperature", "chosen_for"])
     return table.sort_values("reg_per_cell", ascending=False, kind="stable").reset_index(drop=True)
 
 

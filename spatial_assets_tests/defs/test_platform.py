@@ -393,7 +393,9 @@ def test_model_materialization_records_regularisation_thresholds_rare_classes_an
         assert meta["reg_per_cell_requested"] == "auto" == decisions["regularization"]["requested"]
         cv = _table_rows(meta["cv_scores"])
         assert len(cv) == len(card["cross_validation"]["grid"]) >= 2
-        best = min(cv, key=lambda r: r["held_out_nll_class_balanced"])
+        top = max(cv, key=lambda r: r["held_out_balanced_accuracy"])
+        tied = [r for r in cv if r["held_out_balanced_accuracy"] >= top["held_out_balanced_accuracy"] - top["held_out_balanced_accuracy_se"]]
+        best = min(tied, key=lambda r: r["held_out_nll_class_balanced"])
         assert "same_platform" in best["chosen_for"]
         assert decisions["regularization"]["chosen"]["same_platform"]["cv_reg_per_cell"] == best["reg_per_cell"]
         assert meta["reg_per_cell_same_platform"] > 0 and meta["reg_per_cell_shifted"] > 0

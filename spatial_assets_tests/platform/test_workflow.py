@@ -75,9 +75,19 @@ def test_model_card_records_the_regularisation_chosen_by_cv(same):
     assert "one-standard-error rule" in reg["chosen"]["shifted"]["why"]
     assert reg["chosen"]["shifted"]["cv_reg_per_cell"] >= reg["chosen"]["same_platform"]["cv_reg_per_cell"]
     table = cv_scores_table(model.card)
-    best = table.loc[table["held_out_nll_class_balanced"].idxmin(), "reg_per_cell"]
-    assert reg["chosen"]["same_platform"]["cv_reg_per_cell"] == best  # the minimum of the scores it shows
+    # same_platform: of the values whose held-out balanced accuracy is within one SE of the highest,
+    # the lowest class-balanced NLL
+    top = table.loc[table["held_out_balanced_accuracy"].idxmax()]
+    tied = table[table["held_out_balanced_accuracy"] >= top["held_out_balanced_accuracy"] - top["held_out_balanced_accuracy_se"]]
+    best = tied.loc[tied["held_out_nll_class_balanced"].idxmin(), "reg_per_cell"]
+    assert model.card["cross_validation"]["selection_tolerance"] == pytest.approx(top["held_out_balanced_accuracy_se"])
+    assert reg["chosen"]["same_platform"]["cv_reg_per_cell"] == best
     assert "same_platform" in table.loc[table["reg_per_cell"] == best, "chosen_for"].iloc[0]
+    # shifted: the strongest value within one SE of the class-balanced NLL minimum (never weaker than same_platform)
+    i = table["held_out_nll_class_balanced"].idxmin()
+    limit = table.loc[i, "held_out_nll_class_balanced"] + table.loc[i, "held_out_nll_class_balanced_se"]
+    one_se = table.loc[table["held_out_nll_class_balanced"] <= limit, "reg_per_cell"].max()
+    assert reg["chosen"]["shifted"]["cv_reg_per_cell"] == max(one_se, best)
     assert table["held_out_accuracy"].between(0, 1).all() and len(table) == len(model.card["cross_validation"]["grid"])
 
 
