@@ -60,6 +60,10 @@ def _pg_home(tmp: Path, name: str) -> Path:
     return home
 
 
+def _pool_limit() -> int:
+    return int(yaml.safe_load(POSTGRES_YAML.read_text())["concurrency"]["pools"]["default_limit"])
+
+
 def _backfill_limit() -> int:
     limits = yaml.safe_load(POSTGRES_YAML.read_text())["concurrency"]["runs"]["tag_concurrency_limits"]
     (limit,) = [t["limit"] for t in limits if t["key"] == BACKFILL_ID_TAG and "value" not in t]
@@ -120,6 +124,10 @@ def test_backfill_stays_under_its_limit_and_heavy_steps_never_overlap(
     partitions = [f"s{i:02d}" for i in range(N_BACKFILL)]
     workspace = write_workspace(tmp_path / "workspace.yaml", "spatial_assets_tests.deploy.scale_location", "scale")
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # the deploy step of deploy/README.md, `dagster instance concurrency set heavy 1`: with only
+        # `default_limit`, Dagster 1.13 inserts the pool's row when the first step claims a slot, and two
+        # runs doing so at once on Postgres fail one of them (UniqueViolation, then InFailedSqlTransaction)
+        instance.event_log_storage.set_concurrency_slots("heavy", _pool_limit())
         instance.add_dynamic_partitions("scale_samples", partitions)
         # the backfill the UI would launch (the GraphQL mutation, in-process), before the daemon runs
         with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[str(workspace)])) as ctx:
