@@ -397,7 +397,8 @@ def train_model(
     index (:mod:`spatial_assets.celltyping.shift`):
 
     * ``same_platform`` (the celltypist-visible ``coef_``): the L2 penalty chosen by stratified,
-      seeded ``cv_folds``-fold cross-validation on the reference (highest :data:`CV_SELECTION`, over
+      seeded ``cv_folds``-fold cross-validation on the reference (the lowest :data:`CV_CRITERION`
+      among the values whose :data:`CV_SELECTION` is within one SE of the highest, over
       :data:`CV_REG_GRID`, strongest first, each fit warm-starting the next; the chosen
       ``C = 1 / (reg * n_train_fold)`` is refitted on all cells, as scikit-learn's
       ``LogisticRegressionCV`` does). Without a platform shift, what predicts held-out reference
